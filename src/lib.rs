@@ -1,0 +1,9 @@
+//! upg: large language models from compressed sparse weights, on any GPU (WGSL through wgpu) or on the
+//! CPU (SIMD on all cores), with the same results.
+//!
+//! - [`format`]: the codecs (50% sparse 4-bit, f16, q4) and the .upg file.
+//! - [`cpu`]: the scalar reference kernels and the fast CPU kernels.
+
+pub mod cpu;
+pub mod format;
+pub mod rng;
