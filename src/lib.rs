@@ -3,7 +3,11 @@
 //!
 //! - [`format`]: the codecs (50% sparse 4-bit, f16, q4) and the .upg file.
 //! - [`cpu`]: the scalar reference kernels and the fast CPU kernels.
+//! - [`gpu`]: the wgpu context and one launcher per WGSL kernel.
+//! - [`model`]: the Phi-3 family driver.
 
 pub mod cpu;
 pub mod format;
+pub mod gpu;
+pub mod model;
 pub mod rng;
