@@ -1,9 +1,10 @@
 //! Dense codecs for tensors that should not be pruned (embeddings, lm_head, small projections):
-//! plain f16, and q4 (4 bits per weight on the same grid as the sparse codec, one f16 scale per 32 or
+//! f32 (exact; the reference path that must match Hugging Face), plain f16, and q4 (4 bits per weight on the same grid as the sparse codec, one f16 scale per 32 or
 //! 64 input columns).
 //!
 //! | codec | plane    | type | shape                  | bits per weight     |
 //! |-------|----------|------|------------------------|---------------------|
+//! | f32   | `values` | f32  | [rows, cols]           | 32                  |
 //! | f16   | `values` | f16  | [rows, cols]           | 16                  |
 //! | q4    | `codes`  | u8   | [rows, padded_cols/2]  | 4 + 16/group        |
 //! | q4    | `scales` | f16  | [rows, padded_cols/group] |                  |
@@ -19,6 +20,49 @@ use super::plane::Plane;
 use super::quant::Grid;
 use super::sparse::nibble;
 use super::Dense;
+
+#[derive(Debug)]
+pub struct DenseF32 {
+    pub rows: usize,
+    pub cols: usize,
+    pub values: Plane<f32>,
+}
+
+impl DenseF32 {
+    pub fn encode(w: &Dense) -> Result<Self> {
+        let mut values = Vec::with_capacity(w.rows * w.cols);
+        let mut row = Vec::new();
+        for r in 0..w.rows {
+            w.row_f32(r, &mut row)?;
+            values.extend_from_slice(&row);
+        }
+        Ok(Self {
+            rows: w.rows,
+            cols: w.cols,
+            values: values.into(),
+        })
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+        if self.values.len() != self.rows * self.cols {
+            return Err((
+                "values",
+                format!(
+                    "has {} elements, shape [{}, {}] needs {}",
+                    self.values.len(),
+                    self.rows,
+                    self.cols,
+                    self.rows * self.cols
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn decode_row(&self, r: usize, out: &mut [f32]) {
+        out[..self.cols].copy_from_slice(&self.values[r * self.cols..][..self.cols]);
+    }
+}
 
 #[derive(Debug)]
 pub struct DenseF16 {

@@ -9,7 +9,7 @@ pub mod sparse;
 
 use half::{bf16, f16};
 
-pub use dense::{DenseF16, Q4Matrix};
+pub use dense::{DenseF16, DenseF32, Q4Matrix};
 pub use error::{FormatError, Result};
 pub use plane::Plane;
 pub use quant::Grid;
@@ -74,6 +74,8 @@ impl<'a> Dense<'a> {
 pub enum Codec {
     /// 50% balanced sparsity, 4-bit codes ([`SparseMatrix`]).
     Sparse,
+    /// Dense f32 ([`DenseF32`]): exact, for reference runs and tiny tensors.
+    F32,
     /// Dense f16 ([`DenseF16`]).
     F16,
     /// Dense 4-bit ([`Q4Matrix`]).
@@ -85,13 +87,14 @@ impl Codec {
     pub fn name(self) -> &'static str {
         match self {
             Codec::Sparse => "sparse50_q4",
+            Codec::F32 => "f32",
             Codec::F16 => "f16",
             Codec::Q4 => "q4",
         }
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
-        [Codec::Sparse, Codec::F16, Codec::Q4]
+        [Codec::Sparse, Codec::F32, Codec::F16, Codec::Q4]
             .into_iter()
             .find(|c| c.name() == name)
     }
@@ -101,6 +104,7 @@ impl Codec {
 #[derive(Debug)]
 pub enum Tensor {
     Sparse(SparseMatrix),
+    F32(DenseF32),
     F16(DenseF16),
     Q4(Q4Matrix),
 }
@@ -109,6 +113,7 @@ impl Tensor {
     pub fn codec(&self) -> Codec {
         match self {
             Tensor::Sparse(_) => Codec::Sparse,
+            Tensor::F32(_) => Codec::F32,
             Tensor::F16(_) => Codec::F16,
             Tensor::Q4(_) => Codec::Q4,
         }
@@ -118,6 +123,7 @@ impl Tensor {
     pub fn shape(&self) -> [usize; 2] {
         match self {
             Tensor::Sparse(m) => [m.rows, m.cols],
+            Tensor::F32(m) => [m.rows, m.cols],
             Tensor::F16(m) => [m.rows, m.cols],
             Tensor::Q4(m) => [m.rows, m.cols],
         }
@@ -126,6 +132,7 @@ impl Tensor {
     pub fn stored_bytes(&self) -> usize {
         match self {
             Tensor::Sparse(m) => m.stored_bytes(),
+            Tensor::F32(m) => m.values.as_bytes().len(),
             Tensor::F16(m) => m.values.as_bytes().len(),
             Tensor::Q4(m) => m.stored_bytes(),
         }
@@ -141,6 +148,7 @@ impl Tensor {
     pub fn decode_row(&self, r: usize, out: &mut [f32]) {
         match self {
             Tensor::Sparse(m) => m.decode_row(r, out),
+            Tensor::F32(m) => m.decode_row(r, out),
             Tensor::F16(m) => m.decode_row(r, out),
             Tensor::Q4(m) => m.decode_row(r, out),
         }
@@ -150,6 +158,7 @@ impl Tensor {
     pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
         match self {
             Tensor::Sparse(m) => m.validate(),
+            Tensor::F32(m) => m.validate(),
             Tensor::F16(m) => m.validate(),
             Tensor::Q4(m) => m.validate(),
         }
