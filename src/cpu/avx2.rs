@@ -14,7 +14,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::lut::{MAGIC, SHUFFLE};
+use super::lut::{MAGIC, SPLIT};
 use super::scalar::{self, ACCS, CHUNK};
 use crate::format::sparse::{BLOCK, BLOCK_CODE_BYTES};
 use crate::format::{DenseF16, Q4Matrix, SparseMatrix, Tensor};
@@ -26,9 +26,12 @@ pub fn available() -> bool {
         && is_x86_feature_detected!("popcnt")
 }
 
-/// Bytes past the last block a chunk load may touch: a corrupt mask can put the running rank at 64,
-/// and the load is 16 bytes wide.
-const EXPANDED_SLACK: usize = 2 * BLOCK + 16;
+/// Expanded-code buffers start this many bytes before the first code: a chunk's 32-byte source
+/// begins up to 16 bytes before its block.
+const FRONT: usize = 16;
+/// Bytes after the last block's codes a chunk load may touch: a corrupt mask can put the half-chunk
+/// rank at 64, and the source is 16 bytes past it.
+const BACK: usize = 2 * BLOCK;
 
 /// `acc[k % 4] += w * x`, with constant register indices after inlining.
 #[inline]
@@ -61,49 +64,49 @@ unsafe fn load_partial(p: *const f32, n: usize) -> __m256 {
     _mm256_maskload_ps(p, mask)
 }
 
-/// Converts f16 scales to f32.
-#[target_feature(enable = "avx2,fma,f16c,popcnt")]
-fn scales_f32(h: &[f16], out: &mut [f32]) {
-    let mut hc = h.chunks_exact(CHUNK);
-    let mut oc = out.chunks_exact_mut(CHUNK);
-    for (src, dst) in (&mut hc).zip(&mut oc) {
-        // SAFETY: both chunks hold exactly 8 elements.
-        unsafe {
-            let v = _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr() as *const __m128i));
-            _mm256_storeu_ps(dst.as_mut_ptr(), v);
-        }
-    }
-    for (src, dst) in hc.remainder().iter().zip(oc.into_remainder()) {
-        *dst = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(src.to_bits() as i32)));
-    }
-}
-
-/// Rewrites packed 4-bit codes (low nibble first) as one byte per code, `2c ^ 0x11`
-/// ([`super::lut::code_byte`]). `codes.len()` is a multiple of 16; `out` holds twice as many bytes.
+/// Rewrites packed 4-bit codes (low nibble first) as one byte per code, `2c ^ 0x11` (see
+/// [`super::lut`]). `codes.len()` is a multiple of 16; `out` holds twice as many bytes.
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn expand_codes(codes: &[u8], out: &mut [u8]) {
-    let low = _mm_set1_epi8(0x1E);
-    let flip = _mm_set1_epi8(0x11);
-    for (src, dst) in codes.chunks_exact(16).zip(out.chunks_exact_mut(32)) {
-        // SAFETY: `src` holds 16 bytes and `dst` 32.
+    assert!(codes.len() % 16 == 0 && out.len() >= 2 * codes.len());
+    let low = _mm256_set1_epi8(0x1E);
+    let flip = _mm256_set1_epi8(0x11);
+    // Shifting 16-bit lanes moves a neighbour's bit into each byte; the mask drops it.
+    let bytes = |c: __m256i| {
+        let lo = _mm256_xor_si256(_mm256_and_si256(_mm256_slli_epi16::<1>(c), low), flip);
+        let hi = _mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16::<3>(c), low), flip);
+        (_mm256_unpacklo_epi8(lo, hi), _mm256_unpackhi_epi8(lo, hi))
+    };
+    let pairs = codes.len() / 32;
+    let (src, dst) = (codes.as_ptr(), out.as_mut_ptr());
+    for i in 0..pairs {
+        // SAFETY: 32 code bytes at 32 i, 64 output bytes at 64 i, within the lengths asserted above.
         unsafe {
-            let c = _mm_loadu_si128(src.as_ptr() as *const __m128i);
-            // Shifting 16-bit lanes moves a neighbour's bit into each byte; the mask drops it.
-            let lo = _mm_xor_si128(_mm_and_si128(_mm_slli_epi16::<1>(c), low), flip);
-            let hi = _mm_xor_si128(_mm_and_si128(_mm_srli_epi16::<3>(c), low), flip);
-            let p = dst.as_mut_ptr() as *mut __m128i;
-            _mm_storeu_si128(p, _mm_unpacklo_epi8(lo, hi));
-            _mm_storeu_si128(p.add(1), _mm_unpackhi_epi8(lo, hi));
+            let (a, b) = bytes(_mm256_loadu_si256(src.add(32 * i) as *const __m256i));
+            // Within each 128-bit lane the unpacks hold one block's codes 0-15 and 16-31.
+            let d = dst.add(64 * i) as *mut __m256i;
+            _mm256_storeu_si256(d, _mm256_permute2x128_si256::<0x20>(a, b));
+            _mm256_storeu_si256(d.add(1), _mm256_permute2x128_si256::<0x31>(a, b));
+        }
+    }
+    if codes.len() % 32 != 0 {
+        // SAFETY: the last 16 code bytes and their 32 output bytes are inside the slices.
+        unsafe {
+            let c = _mm256_castsi128_si256(_mm_loadu_si128(src.add(32 * pairs) as *const __m128i));
+            let (a, b) = bytes(c);
+            let d = dst.add(64 * pairs) as *mut __m256i;
+            _mm256_storeu_si256(d, _mm256_permute2x128_si256::<0x20>(a, b));
         }
     }
 }
 
-/// 8 decoded weights: the kept code bytes starting at `t`, placed by mask byte `mb`.
+/// 8 decoded weights from a 32-byte source at `src` whose halves meet at the chunk's half-chunk rank,
+/// placed by the [`SPLIT`] entry of mask byte `mb`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
-unsafe fn chunk(t: *const u8, mb: usize, s128: __m256, s144: __m256) -> __m256 {
-    let src = _mm256_broadcastsi128_si256(_mm_loadu_si128(t as *const __m128i));
-    let idx = _mm256_load_si256(SHUFFLE.0.as_ptr().add(mb) as *const __m256i);
+unsafe fn chunk(src: *const u8, mb: usize, s128: __m256, s144: __m256) -> __m256 {
+    let src = _mm256_loadu_si256(src as *const __m256i);
+    let idx = _mm256_load_si256(SPLIT.0.as_ptr().add(mb) as *const __m256i);
     let lanes = _mm256_xor_si256(
         _mm256_shuffle_epi8(src, idx),
         _mm256_set1_epi32(MAGIC as i32),
@@ -111,81 +114,75 @@ unsafe fn chunk(t: *const u8, mb: usize, s128: __m256, s144: __m256) -> __m256 {
     _mm256_fmsub_ps(_mm256_castsi256_ps(lanes), s128, s144)
 }
 
-/// A row's data in the form the chunk loop reads.
+/// A row in the form the chunk loops read: expanded code bytes (after [`FRONT`] bytes of padding)
+/// and, per block (sparse) or group (q4), the pair `[128 s, 144 s]`.
 struct Row<'a> {
-    /// Expanded code bytes, 32 per block (64 per q4 block of 64 columns), plus slack.
     bytes: &'a [u8],
-    /// f32 scales.
-    scales: &'a [f32],
+    scales: &'a [[f32; 2]],
+    /// Some scale is zero: the decoders then use the scalar path (see [`super::lut`]).
+    zero_scale: bool,
 }
 
 /// Calls `sink(c, w)` for every 8-column chunk `c` of a sparse row, in column order.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
-fn for_sparse_chunks(
-    masks: &[u64],
-    row: &Row,
-    blocks_per_group: usize,
-    mut sink: impl FnMut(usize, __m256),
-) {
-    assert!(row.bytes.len() >= masks.len() * 32 + EXPANDED_SLACK);
-    for (g, &s) in row.scales.iter().enumerate() {
-        let s128 = _mm256_set1_ps(128.0 * s);
-        let s144 = _mm256_set1_ps(144.0 * s);
-        let blocks = g * blocks_per_group..((g + 1) * blocks_per_group).min(masks.len());
-        for b in blocks {
-            let m = masks[b];
-            // SAFETY: the running rank is at most 64, within the slack asserted above.
-            let t = unsafe { row.bytes.as_ptr().add(32 * b) };
-            let mut rank = 0usize;
-            for j in 0..8 {
-                let mb = ((m >> (8 * j)) & 0xFF) as usize;
-                sink(8 * b + j, unsafe { chunk(t.add(rank), mb, s128, s144) });
-                rank += mb.count_ones() as usize;
-            }
+fn for_sparse_chunks(masks: &[u64], row: &Row, mut sink: impl FnMut(usize, __m256)) {
+    assert!(row.bytes.len() >= FRONT + masks.len() * 32 + BACK && row.scales.len() == masks.len());
+    for (b, (&m, s)) in masks.iter().zip(row.scales).enumerate() {
+        let s128 = _mm256_set1_ps(s[0]);
+        let s144 = _mm256_set1_ps(s[1]);
+        // The block's codes start at FRONT + 32 b; a chunk's source starts 16 bytes before its
+        // half-chunk rank, the number of kept columns before column 8 j + 4.
+        let base = row.bytes.as_ptr().wrapping_add(32 * b);
+        for j in 0..8 {
+            let half = (m << (60 - 8 * j)).count_ones() as usize;
+            let mb = ((m >> (8 * j)) & 0xFF) as usize;
+            // SAFETY: `half <= 64`, so the 32 bytes read stay inside the length asserted above.
+            sink(8 * b + j, unsafe { chunk(base.add(half), mb, s128, s144) });
         }
     }
 }
 
-/// Calls `sink(c, w)` for every 8-column chunk `c` of a q4 row (all padded columns).
+/// Calls `sink(c, w)` for every 8-column chunk `c` of a q4 row (all padded columns): a sparse row
+/// whose every mask byte is 0xFF.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn for_q4_chunks(row: &Row, group: usize, mut sink: impl FnMut(usize, __m256)) {
     let per_group = group / CHUNK;
-    assert!(row.bytes.len() >= row.scales.len() * group + 16);
-    for (g, &s) in row.scales.iter().enumerate() {
-        let s128 = _mm256_set1_ps(128.0 * s);
-        let s144 = _mm256_set1_ps(144.0 * s);
+    assert!(row.bytes.len() >= FRONT + row.scales.len() * group + 16);
+    for (g, s) in row.scales.iter().enumerate() {
+        let s128 = _mm256_set1_ps(s[0]);
+        let s144 = _mm256_set1_ps(s[1]);
         for j in 0..per_group {
             let c = g * per_group + j;
-            // SAFETY: `c * 8 + 16 <= bytes.len()`, asserted above.
+            // SAFETY: the source starts at FRONT + 8 c + 4 - 16, its 32 bytes within the assert.
             sink(c, unsafe {
-                chunk(row.bytes.as_ptr().add(CHUNK * c), 0xFF, s128, s144)
+                chunk(row.bytes.as_ptr().add(CHUNK * c + 4), 0xFF, s128, s144)
             });
         }
     }
 }
 
-/// Scratch for one rayon task: a row's expanded codes and its scales.
+/// Scratch for one rayon task: a row's expanded codes and scale pairs.
 struct Scratch {
     bytes: Vec<u8>,
-    scales: Vec<f32>,
+    scales: Vec<[f32; 2]>,
 }
 
 impl Scratch {
     fn new(w: &Tensor) -> Self {
         let cols = w.shape()[1];
         let (bytes, scales) = match w {
-            Tensor::Sparse(m) => (m.blocks_per_row() * 32 + EXPANDED_SLACK, m.groups_per_row()),
+            Tensor::Sparse(m) => (m.blocks_per_row() * 32, m.blocks_per_row()),
             Tensor::Q4(m) => {
                 let padded = Q4Matrix::padded_cols(cols, m.group);
-                (padded + 16, padded / m.group)
+                (padded, padded / m.group)
             }
             _ => (0, 0),
         };
         Self {
-            bytes: vec![0; bytes],
-            scales: vec![0.0; scales],
+            bytes: vec![0; FRONT + bytes + BACK],
+            scales: vec![[0.0; 2]; scales],
         }
     }
 
@@ -194,11 +191,22 @@ impl Scratch {
     fn sparse(&mut self, m: &SparseMatrix, r: usize) -> Row<'_> {
         let (nb, ng) = (m.blocks_per_row(), m.groups_per_row());
         let n = nb * BLOCK_CODE_BYTES;
-        expand_codes(&m.codes[r * n..][..n], &mut self.bytes);
-        scales_f32(&m.scales[r * ng..][..ng], &mut self.scales);
+        expand_codes(&m.codes[r * n..][..n], &mut self.bytes[FRONT..]);
+        let per_group = m.group / BLOCK;
+        let mut zero_scale = false;
+        for (pairs, h) in self
+            .scales
+            .chunks_mut(per_group)
+            .zip(&m.scales[r * ng..][..ng])
+        {
+            let s = h.to_f32();
+            zero_scale |= s == 0.0;
+            pairs.fill([128.0 * s, 144.0 * s]);
+        }
         Row {
             bytes: &self.bytes,
             scales: &self.scales,
+            zero_scale,
         }
     }
 
@@ -207,11 +215,20 @@ impl Scratch {
     fn q4(&mut self, m: &Q4Matrix, r: usize) -> Row<'_> {
         let padded = Q4Matrix::padded_cols(m.cols, m.group);
         let ng = padded / m.group;
-        expand_codes(&m.codes[r * padded / 2..][..padded / 2], &mut self.bytes);
-        scales_f32(&m.scales[r * ng..][..ng], &mut self.scales);
+        expand_codes(
+            &m.codes[r * padded / 2..][..padded / 2],
+            &mut self.bytes[FRONT..],
+        );
+        let mut zero_scale = false;
+        for (pair, h) in self.scales.iter_mut().zip(&m.scales[r * ng..][..ng]) {
+            let s = h.to_f32();
+            zero_scale |= s == 0.0;
+            *pair = [128.0 * s, 144.0 * s];
+        }
         Row {
             bytes: &self.bytes,
             scales: &self.scales,
+            zero_scale,
         }
     }
 }
@@ -320,13 +337,12 @@ pub unsafe fn spmv_rows(w: &Tensor, r0: usize, x: &[f32], y: &mut [f32]) {
         Tensor::Sparse(m) => {
             assert!(x.len() >= m.blocks_per_row() * BLOCK);
             let nb = m.blocks_per_row();
-            let bpg = m.group / BLOCK;
             let mut scratch = Scratch::new(w);
             for (i, yi) in y.iter_mut().enumerate() {
                 let r = r0 + i;
                 let row = scratch.sparse(m, r);
                 let mut acc = [_mm256_setzero_ps(); ACCS];
-                for_sparse_chunks(&m.masks[r * nb..][..nb], &row, bpg, |c, wv| {
+                for_sparse_chunks(&m.masks[r * nb..][..nb], &row, |c, wv| {
                     fma_at(&mut acc, c, wv, _mm256_loadu_ps(xp.add(CHUNK * c)));
                 });
                 *yi = reduce(&acc);
@@ -403,22 +419,20 @@ pub unsafe fn decode_rows(w: &Tensor, r0: usize, out: &mut [f32], stride: usize)
         match w {
             Tensor::Sparse(m) => {
                 let nb = m.blocks_per_row();
-                let bpg = m.group / BLOCK;
                 let expanded = scratch.sparse(m, r);
-                // A zero scale decodes to +0 here but to -0 for negative levels in the reference.
-                if expanded.scales.contains(&0.0) {
+                if expanded.zero_scale {
                     scalar::decode_sparse_row(m, r, row);
                     continue;
                 }
                 let (real, pad) = row.split_at_mut(cols);
-                for_sparse_chunks(&m.masks[r * nb..][..nb], &expanded, bpg, |c, wv| {
+                for_sparse_chunks(&m.masks[r * nb..][..nb], &expanded, |c, wv| {
                     store_chunk(real, c, wv)
                 });
                 pad.fill(0.0);
             }
             Tensor::Q4(m) => {
                 let expanded = scratch.q4(m, r);
-                if expanded.scales.contains(&0.0) {
+                if expanded.zero_scale {
                     scalar::decode_q4_row(m, r, row);
                     continue;
                 }
@@ -447,18 +461,16 @@ pub unsafe fn decode_rows_f16(w: &Tensor, r0: usize, out: &mut [f16]) {
             Tensor::Sparse(m) => {
                 let nb = m.blocks_per_row();
                 let expanded = scratch.sparse(m, r);
-                let fast = !expanded.scales.contains(&0.0);
+                let fast = !expanded.zero_scale;
                 if fast {
                     let masks = &m.masks[r * nb..][..nb];
-                    for_sparse_chunks(masks, &expanded, m.group / BLOCK, |c, wv| {
-                        store_chunk_f16(row, c, wv)
-                    });
+                    for_sparse_chunks(masks, &expanded, |c, wv| store_chunk_f16(row, c, wv));
                 }
                 fast
             }
             Tensor::Q4(m) => {
                 let expanded = scratch.q4(m, r);
-                let fast = !expanded.scales.contains(&0.0);
+                let fast = !expanded.zero_scale;
                 if fast {
                     for_q4_chunks(&expanded, m.group, |c, wv| store_chunk_f16(row, c, wv));
                 }
