@@ -16,8 +16,9 @@ use half::f16;
 
 use super::lut::{MAGIC, SPLIT};
 use super::scalar::{self, ACCS, CHUNK};
+use super::Lines;
 use crate::format::sparse::{BLOCK, BLOCK_CODE_BYTES};
-use crate::format::{DenseF16, Q4Matrix, SparseMatrix, Tensor};
+use crate::format::{DenseF16, Q4Matrix, Tensor};
 
 pub fn available() -> bool {
     is_x86_feature_detected!("avx2")
@@ -26,12 +27,13 @@ pub fn available() -> bool {
         && is_x86_feature_detected!("popcnt")
 }
 
-/// Expanded-code buffers start this many bytes before the first code: a chunk's 32-byte source
-/// begins up to 16 bytes before its block.
+/// Expanded codes live in 64-byte, line-aligned slots, one per 16 bytes of packed codes (a sparse
+/// block, or 32 q4 columns), the 32 code bytes at offset [`FRONT`]. A chunk's 32-byte source starts
+/// at `slot + half` with `half <= 32` for a valid mask, so it never straddles two cache lines.
+const SLOT: usize = 64;
 const FRONT: usize = 16;
-/// Bytes after the last block's codes a chunk load may touch: a corrupt mask can put the half-chunk
-/// rank at 64, and the source is 16 bytes past it.
-const BACK: usize = 2 * BLOCK;
+/// Bytes after the last slot a chunk load may touch: a corrupt mask can put `half` at 64.
+const BACK: usize = 2 * SLOT;
 
 /// `acc[k % 4] += w * x`, with constant register indices after inlining.
 #[inline]
@@ -65,10 +67,10 @@ unsafe fn load_partial(p: *const f32, n: usize) -> __m256 {
 }
 
 /// Rewrites packed 4-bit codes (low nibble first) as one byte per code, `2c ^ 0x11` (see
-/// [`super::lut`]). `codes.len()` is a multiple of 16; `out` holds twice as many bytes.
+/// [`super::lut`]): each 16 bytes of codes become 32 bytes at `FRONT` in their [`SLOT`] of `out`.
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn expand_codes(codes: &[u8], out: &mut [u8]) {
-    assert!(codes.len() % 16 == 0 && out.len() >= 2 * codes.len());
+    assert!(codes.len() % 16 == 0 && out.len() >= codes.len() / 16 * SLOT);
     let low = _mm256_set1_epi8(0x1E);
     let flip = _mm256_set1_epi8(0x11);
     // Shifting 16-bit lanes moves a neighbour's bit into each byte; the mask drops it.
@@ -84,9 +86,10 @@ fn expand_codes(codes: &[u8], out: &mut [u8]) {
         unsafe {
             let (a, b) = bytes(_mm256_loadu_si256(src.add(32 * i) as *const __m256i));
             // Within each 128-bit lane the unpacks hold one block's codes 0-15 and 16-31.
-            let d = dst.add(64 * i) as *mut __m256i;
-            _mm256_storeu_si256(d, _mm256_permute2x128_si256::<0x20>(a, b));
-            _mm256_storeu_si256(d.add(1), _mm256_permute2x128_si256::<0x31>(a, b));
+            let d = dst.add(2 * SLOT * i + FRONT);
+            _mm256_storeu_si256(d as *mut __m256i, _mm256_permute2x128_si256::<0x20>(a, b));
+            let d = d.add(SLOT) as *mut __m256i;
+            _mm256_storeu_si256(d, _mm256_permute2x128_si256::<0x31>(a, b));
         }
     }
     if codes.len() % 32 != 0 {
@@ -94,19 +97,19 @@ fn expand_codes(codes: &[u8], out: &mut [u8]) {
         unsafe {
             let c = _mm256_castsi128_si256(_mm_loadu_si128(src.add(32 * pairs) as *const __m128i));
             let (a, b) = bytes(c);
-            let d = dst.add(64 * pairs) as *mut __m256i;
+            let d = dst.add(2 * SLOT * pairs + FRONT) as *mut __m256i;
             _mm256_storeu_si256(d, _mm256_permute2x128_si256::<0x20>(a, b));
         }
     }
 }
 
 /// 8 decoded weights from a 32-byte source at `src` whose halves meet at the chunk's half-chunk rank,
-/// placed by the [`SPLIT`] entry of mask byte `mb`.
+/// placed by the [`SPLIT`] entry at `idx`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
-unsafe fn chunk(src: *const u8, mb: usize, s128: __m256, s144: __m256) -> __m256 {
+unsafe fn chunk(src: *const u8, idx: *const u8, s128: __m256, s144: __m256) -> __m256 {
     let src = _mm256_loadu_si256(src as *const __m256i);
-    let idx = _mm256_load_si256(SPLIT.0.as_ptr().add(mb) as *const __m256i);
+    let idx = _mm256_load_si256(idx as *const __m256i);
     let lanes = _mm256_xor_si256(
         _mm256_shuffle_epi8(src, idx),
         _mm256_set1_epi32(MAGIC as i32),
@@ -114,121 +117,197 @@ unsafe fn chunk(src: *const u8, mb: usize, s128: __m256, s144: __m256) -> __m256
     _mm256_fmsub_ps(_mm256_castsi256_ps(lanes), s128, s144)
 }
 
-/// A row in the form the chunk loops read: expanded code bytes (after [`FRONT`] bytes of padding)
-/// and, per block (sparse) or group (q4), the pair `[128 s, 144 s]`.
-struct Row<'a> {
-    bytes: &'a [u8],
-    scales: &'a [[f32; 2]],
-    /// Some scale is zero: the decoders then use the scalar path (see [`super::lut`]).
-    zero_scale: bool,
-}
-
-/// Calls `sink(c, w)` for every 8-column chunk `c` of a sparse row, in column order.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,popcnt")]
-fn for_sparse_chunks(masks: &[u64], row: &Row, mut sink: impl FnMut(usize, __m256)) {
-    assert!(row.bytes.len() >= FRONT + masks.len() * 32 + BACK && row.scales.len() == masks.len());
-    for (b, (&m, s)) in masks.iter().zip(row.scales).enumerate() {
-        let s128 = _mm256_set1_ps(s[0]);
-        let s144 = _mm256_set1_ps(s[1]);
-        // The block's codes start at FRONT + 32 b; a chunk's source starts 16 bytes before its
-        // half-chunk rank, the number of kept columns before column 8 j + 4.
-        let base = row.bytes.as_ptr().wrapping_add(32 * b);
-        for j in 0..8 {
-            let half = (m << (60 - 8 * j)).count_ones() as usize;
-            let mb = ((m >> (8 * j)) & 0xFF) as usize;
-            // SAFETY: `half <= 64`, so the 32 bytes read stay inside the length asserted above.
-            sink(8 * b + j, unsafe { chunk(base.add(half), mb, s128, s144) });
-        }
-    }
-}
-
-/// Calls `sink(c, w)` for every 8-column chunk `c` of a q4 row (all padded columns): a sparse row
-/// whose every mask byte is 0xFF.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,popcnt")]
-fn for_q4_chunks(row: &Row, group: usize, mut sink: impl FnMut(usize, __m256)) {
-    let per_group = group / CHUNK;
-    assert!(row.bytes.len() >= FRONT + row.scales.len() * group + 16);
-    for (g, s) in row.scales.iter().enumerate() {
-        let s128 = _mm256_set1_ps(s[0]);
-        let s144 = _mm256_set1_ps(s[1]);
-        for j in 0..per_group {
-            let c = g * per_group + j;
-            // SAFETY: the source starts at FRONT + 8 c + 4 - 16, its 32 bytes within the assert.
-            sink(c, unsafe {
-                chunk(row.bytes.as_ptr().add(CHUNK * c + 4), 0xFF, s128, s144)
-            });
-        }
-    }
-}
-
-/// Scratch for one rayon task: a row's expanded codes and scale pairs.
+/// One row prepared for the chunk loops: expanded code bytes in [`SLOT`]s, the pair
+/// `[128 s, 144 s]` per scale group, and for sparse rows the per-chunk source offsets.
 struct Scratch {
-    bytes: Vec<u8>,
+    bytes: Lines,
     scales: Vec<[f32; 2]>,
+    chunks: Vec<u32>,
+    /// Some scale of the row is zero: the decoders then use the scalar path (see [`super::lut`]).
+    zero_scale: bool,
 }
 
 impl Scratch {
     fn new(w: &Tensor) -> Self {
         let cols = w.shape()[1];
-        let (bytes, scales) = match w {
-            Tensor::Sparse(m) => (m.blocks_per_row() * 32, m.blocks_per_row()),
+        let (slots, scales, chunks) = match w {
+            Tensor::Sparse(m) => {
+                let nb = m.blocks_per_row();
+                (nb, m.groups_per_row(), nb.next_multiple_of(4) * 8)
+            }
             Tensor::Q4(m) => {
                 let padded = Q4Matrix::padded_cols(cols, m.group);
-                (padded, padded / m.group)
+                (padded / 32, padded / m.group, 0)
             }
-            _ => (0, 0),
+            _ => (0, 0, 0),
         };
         Self {
-            bytes: vec![0; FRONT + bytes + BACK],
+            bytes: Lines::zeroed(slots * SLOT + BACK),
             scales: vec![[0.0; 2]; scales],
+            chunks: vec![0; chunks],
+            zero_scale: false,
         }
     }
 
-    /// Expands row `r` of a sparse matrix.
+    /// Prepares row `r` of a sparse or q4 tensor (nothing for dense ones).
     #[target_feature(enable = "avx2,fma,f16c,popcnt")]
-    fn sparse(&mut self, m: &SparseMatrix, r: usize) -> Row<'_> {
-        let (nb, ng) = (m.blocks_per_row(), m.groups_per_row());
-        let n = nb * BLOCK_CODE_BYTES;
-        expand_codes(&m.codes[r * n..][..n], &mut self.bytes[FRONT..]);
-        let per_group = m.group / BLOCK;
-        let mut zero_scale = false;
-        for (pairs, h) in self
-            .scales
-            .chunks_mut(per_group)
-            .zip(&m.scales[r * ng..][..ng])
-        {
-            let s = h.to_f32();
-            zero_scale |= s == 0.0;
-            pairs.fill([128.0 * s, 144.0 * s]);
-        }
-        Row {
-            bytes: &self.bytes,
-            scales: &self.scales,
-            zero_scale,
-        }
-    }
-
-    /// Expands row `r` of a q4 matrix.
-    #[target_feature(enable = "avx2,fma,f16c,popcnt")]
-    fn q4(&mut self, m: &Q4Matrix, r: usize) -> Row<'_> {
-        let padded = Q4Matrix::padded_cols(m.cols, m.group);
-        let ng = padded / m.group;
-        expand_codes(
-            &m.codes[r * padded / 2..][..padded / 2],
-            &mut self.bytes[FRONT..],
-        );
-        let mut zero_scale = false;
-        for (pair, h) in self.scales.iter_mut().zip(&m.scales[r * ng..][..ng]) {
-            let s = h.to_f32();
-            zero_scale |= s == 0.0;
+    fn load(&mut self, w: &Tensor, r: usize) {
+        let (codes, scales) = match w {
+            Tensor::Sparse(m) => {
+                let (nb, ng) = (m.blocks_per_row(), m.groups_per_row());
+                chunk_descriptors(&m.masks[r * nb..][..nb], &mut self.chunks);
+                let n = nb * BLOCK_CODE_BYTES;
+                (&m.codes[r * n..][..n], &m.scales[r * ng..][..ng])
+            }
+            Tensor::Q4(m) => {
+                let padded = Q4Matrix::padded_cols(m.cols, m.group);
+                let ng = padded / m.group;
+                (
+                    &m.codes[r * padded / 2..][..padded / 2],
+                    &m.scales[r * ng..][..ng],
+                )
+            }
+            _ => return,
+        };
+        expand_codes(codes, self.bytes.bytes_mut());
+        let mut zero = false;
+        for (pair, h) in self.scales.iter_mut().zip(scales) {
+            zero |= h.to_bits() & 0x7FFF == 0;
+            let s = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)));
             *pair = [128.0 * s, 144.0 * s];
         }
-        Row {
-            bytes: &self.bytes,
-            scales: &self.scales,
-            zero_scale,
+        self.zero_scale = zero;
+    }
+}
+
+/// Calls `body(i, scratch)` for rows `r0 + i`, `i < n`, each prepared by [`Scratch::load`] one row
+/// ahead, in the other of two scratch buffers.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn for_each_row(w: &Tensor, r0: usize, n: usize, mut body: impl FnMut(usize, &Scratch)) {
+    if n == 0 {
+        return;
+    }
+    let (mut cur, mut next) = (Scratch::new(w), Scratch::new(w));
+    cur.load(w, r0);
+    for i in 0..n {
+        if i + 1 < n {
+            next.load(w, r0 + i + 1);
+        }
+        body(i, &cur);
+        std::mem::swap(&mut cur, &mut next);
+    }
+}
+
+/// Per-chunk source offsets of a sparse row: for chunk `j` of block `b`, the u32
+/// `half | (32 mb) << 16`, where `half` counts the block's kept columns before column `8 j + 4` (the
+/// chunk's source starts at `32 b + half` in the expanded-code buffer) and `32 mb` is the byte offset
+/// of the mask byte's [`SPLIT`] entry. Computing them for the whole row with vector popcounts
+/// (nibble table, then a prefix sum inside each u64) leaves the chunk loop no integer work but two
+/// extracts. `out` holds 8 per block, rounded up to 4 blocks.
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn chunk_descriptors(masks: &[u64], out: &mut [u32]) {
+    assert!(out.len() >= masks.len().next_multiple_of(4) * 8);
+    let pop4 = _mm256_setr_epi8(
+        0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3,
+        3, 4,
+    );
+    let nibble = _mm256_set1_epi8(0x0F);
+    for (q, dst) in out.chunks_exact_mut(32).enumerate() {
+        let mut four = [0u64; 4];
+        let Some(src) = masks.get(4 * q..) else { break };
+        let n = src.len().min(4);
+        four[..n].copy_from_slice(&src[..n]);
+        // SAFETY: `four` holds 32 bytes.
+        let v = unsafe { _mm256_loadu_si256(four.as_ptr() as *const __m256i) };
+        // Shifting 16-bit lanes moves a neighbour's bits into each byte; the masks drop them.
+        let low = _mm256_shuffle_epi8(pop4, _mm256_and_si256(v, nibble));
+        let high = _mm256_shuffle_epi8(pop4, _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble));
+        let count = _mm256_add_epi8(low, high);
+        let mut incl = _mm256_add_epi8(count, _mm256_slli_epi64::<8>(count));
+        incl = _mm256_add_epi8(incl, _mm256_slli_epi64::<16>(incl));
+        incl = _mm256_add_epi8(incl, _mm256_slli_epi64::<32>(incl));
+        let half = _mm256_sub_epi8(incl, high);
+        // 32 mb as a little-endian u16: low byte (mb << 5) & 0xE0, high byte mb >> 3.
+        let lut_lo = _mm256_and_si256(_mm256_slli_epi16::<5>(v), _mm256_set1_epi8(0xE0u8 as i8));
+        let lut_hi = _mm256_and_si256(_mm256_srli_epi16::<3>(v), _mm256_set1_epi8(0x1F));
+        let zero = _mm256_setzero_si256();
+        let (h0, h1) = (
+            _mm256_unpacklo_epi8(half, zero),
+            _mm256_unpackhi_epi8(half, zero),
+        );
+        let (l0, l1) = (
+            _mm256_unpacklo_epi8(lut_lo, lut_hi),
+            _mm256_unpackhi_epi8(lut_lo, lut_hi),
+        );
+        // Unpacks stay inside 128-bit lanes: lane 0 holds blocks 0 and 1, lane 1 blocks 2 and 3.
+        let (a, b) = (_mm256_unpacklo_epi16(h0, l0), _mm256_unpackhi_epi16(h0, l0));
+        let (c, d) = (_mm256_unpacklo_epi16(h1, l1), _mm256_unpackhi_epi16(h1, l1));
+        let p = dst.as_mut_ptr() as *mut __m256i;
+        // SAFETY: `dst` holds 32 u32, four 32-byte stores.
+        unsafe {
+            _mm256_storeu_si256(p, _mm256_permute2x128_si256::<0x20>(a, b));
+            _mm256_storeu_si256(p.add(1), _mm256_permute2x128_si256::<0x20>(c, d));
+            _mm256_storeu_si256(p.add(2), _mm256_permute2x128_si256::<0x31>(a, b));
+            _mm256_storeu_si256(p.add(3), _mm256_permute2x128_si256::<0x31>(c, d));
+        }
+    }
+}
+
+/// Calls `sink(c, w)` for every 8-column chunk `c` of a prepared sparse row, in column order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn for_sparse_chunks(
+    row: &Scratch,
+    blocks: usize,
+    blocks_per_group: usize,
+    mut sink: impl FnMut(usize, __m256),
+) {
+    assert!(row.bytes.bytes().len() >= blocks * SLOT + BACK && row.chunks.len() >= blocks * 8);
+    assert!(row.scales.len() * blocks_per_group >= blocks);
+    let table = SPLIT.0.as_ptr() as *const u8;
+    let bytes = row.bytes.bytes().as_ptr();
+    let mut b = 0;
+    for s in &row.scales {
+        let s128 = _mm256_set1_ps(s[0]);
+        let s144 = _mm256_set1_ps(s[1]);
+        let end = (b + blocks_per_group).min(blocks);
+        while b < end {
+            // The block's codes start at FRONT = 16 in its slot, a chunk's source 16 bytes before
+            // its `half`.
+            let slot = bytes.wrapping_add(SLOT * b);
+            for j in 0..8 {
+                let d = row.chunks[8 * b + j];
+                // SAFETY: `half <= 64` (8 bytes of mask), so the 32 bytes read stay inside the
+                // length asserted above; the table offset is that of one of its 256 entries.
+                sink(8 * b + j, unsafe {
+                    let src = slot.add((d & 0xFFFF) as usize);
+                    chunk(src, table.add((d >> 16) as usize), s128, s144)
+                });
+            }
+            b += 1;
+        }
+    }
+}
+
+/// Calls `sink(c, w)` for every 8-column chunk `c` of a prepared q4 row (all padded columns): a
+/// sparse row whose every mask byte is 0xFF.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn for_q4_chunks(row: &Scratch, group: usize, mut sink: impl FnMut(usize, __m256)) {
+    let per_group = group / CHUNK;
+    assert!(row.bytes.bytes().len() >= row.scales.len() * group / 32 * SLOT);
+    let idx = SPLIT.0[0xFF].as_ptr();
+    let bytes = row.bytes.bytes().as_ptr();
+    for (g, s) in row.scales.iter().enumerate() {
+        let s128 = _mm256_set1_ps(s[0]);
+        let s144 = _mm256_set1_ps(s[1]);
+        for j in 0..per_group {
+            let c = g * per_group + j;
+            // Chunk c is chunk c % 4 of slot c / 4; its half-chunk rank is 8 (c % 4) + 4, so its
+            // source starts at slot + 8 (c % 4) + 4, inside the slot (asserted above).
+            let src = SLOT * (c / 4) + CHUNK * (c % 4) + 4;
+            sink(c, unsafe { chunk(bytes.add(src), idx, s128, s144) });
         }
     }
 }
@@ -335,30 +414,25 @@ pub unsafe fn spmv_rows(w: &Tensor, r0: usize, x: &[f32], y: &mut [f32]) {
     let xp = x.as_ptr();
     match w {
         Tensor::Sparse(m) => {
-            assert!(x.len() >= m.blocks_per_row() * BLOCK);
             let nb = m.blocks_per_row();
-            let mut scratch = Scratch::new(w);
-            for (i, yi) in y.iter_mut().enumerate() {
-                let r = r0 + i;
-                let row = scratch.sparse(m, r);
+            assert!(x.len() >= nb * BLOCK);
+            for_each_row(w, r0, y.len(), |i, row| {
                 let mut acc = [_mm256_setzero_ps(); ACCS];
-                for_sparse_chunks(&m.masks[r * nb..][..nb], &row, |c, wv| {
+                for_sparse_chunks(row, nb, m.group / BLOCK, |c, wv| {
                     fma_at(&mut acc, c, wv, _mm256_loadu_ps(xp.add(CHUNK * c)));
                 });
-                *yi = reduce(&acc);
-            }
+                y[i] = reduce(&acc);
+            });
         }
         Tensor::Q4(m) => {
             assert!(x.len() >= Q4Matrix::padded_cols(cols, m.group));
-            let mut scratch = Scratch::new(w);
-            for (i, yi) in y.iter_mut().enumerate() {
-                let row = scratch.q4(m, r0 + i);
+            for_each_row(w, r0, y.len(), |i, row| {
                 let mut acc = [_mm256_setzero_ps(); ACCS];
-                for_q4_chunks(&row, m.group, |c, wv| {
+                for_q4_chunks(row, m.group, |c, wv| {
                     fma_at(&mut acc, c, wv, _mm256_loadu_ps(xp.add(CHUNK * c)));
                 });
-                *yi = reduce(&acc);
-            }
+                y[i] = reduce(&acc);
+            });
         }
         Tensor::F16(DenseF16 { values, .. }) => {
             assert!(x.len() >= cols.next_multiple_of(CHUNK));
@@ -368,6 +442,23 @@ pub unsafe fn spmv_rows(w: &Tensor, r0: usize, x: &[f32], y: &mut [f32]) {
         }
         Tensor::F32(m) => gemv_rows(&m.values[r0 * cols..], cols, x, y),
     }
+}
+
+/// Decodes prepared row `r` of a sparse or q4 tensor through `store(c, w)` per chunk; returns
+/// false (decoding nothing) for dense tensors and rows with a zero scale, which the scalar decoder
+/// handles.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn decode_prepared(w: &Tensor, row: &Scratch, store: impl FnMut(usize, __m256)) -> bool {
+    if row.zero_scale {
+        return false;
+    }
+    match w {
+        Tensor::Sparse(m) => for_sparse_chunks(row, m.blocks_per_row(), m.group / BLOCK, store),
+        Tensor::Q4(m) => for_q4_chunks(row, m.group, store),
+        _ => return false,
+    }
+    true
 }
 
 /// Stores decoded chunk `c` of a row into `out` (the row, `out.len()` columns), clipping the last one.
@@ -413,36 +504,16 @@ fn store_chunk_f16(out: &mut [f16], c: usize, w: __m256) {
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 pub unsafe fn decode_rows(w: &Tensor, r0: usize, out: &mut [f32], stride: usize) {
     let cols = w.shape()[1];
-    let mut scratch = Scratch::new(w);
-    for (i, row) in out.chunks_exact_mut(stride).enumerate() {
-        let r = r0 + i;
-        match w {
-            Tensor::Sparse(m) => {
-                let nb = m.blocks_per_row();
-                let expanded = scratch.sparse(m, r);
-                if expanded.zero_scale {
-                    scalar::decode_sparse_row(m, r, row);
-                    continue;
-                }
-                let (real, pad) = row.split_at_mut(cols);
-                for_sparse_chunks(&m.masks[r * nb..][..nb], &expanded, |c, wv| {
-                    store_chunk(real, c, wv)
-                });
-                pad.fill(0.0);
-            }
-            Tensor::Q4(m) => {
-                let expanded = scratch.q4(m, r);
-                if expanded.zero_scale {
-                    scalar::decode_q4_row(m, r, row);
-                    continue;
-                }
-                let (real, pad) = row.split_at_mut(cols);
-                for_q4_chunks(&expanded, m.group, |c, wv| store_chunk(real, c, wv));
-                pad.fill(0.0);
-            }
-            _ => scalar::decode_row(w, r, row),
+    let rows = out.len() / stride;
+    for_each_row(w, r0, rows, |i, prepared| {
+        let row = &mut out[i * stride..][..stride];
+        let (real, pad) = row.split_at_mut(cols);
+        if decode_prepared(w, prepared, |c, wv| store_chunk(real, c, wv)) {
+            pad.fill(0.0);
+        } else {
+            scalar::decode_row(w, r0 + i, row);
         }
-    }
+    });
 }
 
 /// Rows `r0..` of `w` into `out` as f16 (round to nearest even), `cols` values per row.
@@ -452,43 +523,20 @@ pub unsafe fn decode_rows(w: &Tensor, r0: usize, out: &mut [f32], stride: usize)
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 pub unsafe fn decode_rows_f16(w: &Tensor, r0: usize, out: &mut [f16]) {
     let cols = w.shape()[1];
-    let mut scratch = Scratch::new(w);
+    if let Tensor::F16(m) = w {
+        out.copy_from_slice(&m.values[r0 * cols..][..out.len()]);
+        return;
+    }
     let mut f32_row = vec![0.0f32; cols];
-    for (i, row) in out.chunks_exact_mut(cols).enumerate() {
-        let r = r0 + i;
-        // Zero scales go through the scalar decoder, as in `decode_rows`.
-        let done = match w {
-            Tensor::Sparse(m) => {
-                let nb = m.blocks_per_row();
-                let expanded = scratch.sparse(m, r);
-                let fast = !expanded.zero_scale;
-                if fast {
-                    let masks = &m.masks[r * nb..][..nb];
-                    for_sparse_chunks(masks, &expanded, |c, wv| store_chunk_f16(row, c, wv));
-                }
-                fast
-            }
-            Tensor::Q4(m) => {
-                let expanded = scratch.q4(m, r);
-                let fast = !expanded.zero_scale;
-                if fast {
-                    for_q4_chunks(&expanded, m.group, |c, wv| store_chunk_f16(row, c, wv));
-                }
-                fast
-            }
-            Tensor::F16(m) => {
-                row.copy_from_slice(&m.values[r * cols..][..cols]);
-                true
-            }
-            Tensor::F32(_) => false,
-        };
-        if !done {
-            scalar::decode_row(w, r, &mut f32_row);
+    for_each_row(w, r0, out.len() / cols, |i, prepared| {
+        let row = &mut out[i * cols..][..cols];
+        if !decode_prepared(w, prepared, |c, wv| store_chunk_f16(row, c, wv)) {
+            scalar::decode_row(w, r0 + i, &mut f32_row);
             for c in 0..cols.div_ceil(CHUNK) {
                 store_chunk_f16(row, c, load_partial_row(&f32_row, c));
             }
         }
-    }
+    });
 }
 
 /// Chunk `c` of `row`, zero-filled past its end.

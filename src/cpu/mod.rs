@@ -22,7 +22,6 @@ mod avx2;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
-use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use half::f16;
@@ -204,10 +203,10 @@ pub fn spmv_with(simd: Simd, w: &Tensor, x: &[f32], y: &mut [f32]) -> Result<()>
         y.fill(0.0);
         return Ok(());
     }
-    let x = padded(x, cols);
+    let x = padded(x, 1, cols);
     for_row_runs(y, 1, rows, cols, |r0, y| {
         // SAFETY: `k` came from `Simd::kernels`, which checked the CPU; shapes checked above.
-        unsafe { (k.spmv_rows)(w, r0, &x, y) }
+        unsafe { (k.spmv_rows)(w, r0, x.f32(), y) }
     });
     Ok(())
 }
@@ -253,22 +252,19 @@ pub fn spmm_with(simd: Simd, w: &Tensor, xs: &[f32], n: usize, ys: &mut [f32]) -
         return Ok(());
     }
     let pc = cols.next_multiple_of(BLOCK);
-    let mut xp = vec![0.0f32; n * pc];
-    for (dst, src) in xp.chunks_exact_mut(pc).zip(xs.chunks_exact(cols)) {
-        dst[..cols].copy_from_slice(src);
-    }
+    let xp = padded(xs, n, cols);
     // Row-major [rows, n] so that each task owns a contiguous run; transposed into `ys` after.
     let mut yt = vec![0.0f32; rows * n];
     for_row_runs(&mut yt, n, rows, cols.saturating_mul(n), |r0, yt| {
         let run = yt.len() / n;
-        let mut tile = vec![0.0f32; SPMM_TILE.min(run) * pc];
+        let mut tile = Lines::zeroed(SPMM_TILE.min(run) * pc * 4);
         let mut dots = [0.0f32; SPMM_TILE];
         for t0 in (0..run).step_by(SPMM_TILE) {
             let tr = SPMM_TILE.min(run - t0);
-            let tile = &mut tile[..tr * pc];
+            let tile = &mut tile.f32_mut()[..tr * pc];
             // SAFETY: as in `spmv_with`.
             unsafe { (k.decode_rows)(w, r0 + t0, tile, pc) };
-            for (i, x) in xp.chunks_exact(pc).enumerate() {
+            for (i, x) in xp.f32().chunks_exact(pc).take(n).enumerate() {
                 unsafe { (k.dot_rows)(tile, pc, x, &mut dots[..tr]) };
                 for (j, &d) in dots[..tr].iter().enumerate() {
                     yt[(t0 + j) * n + i] = d;
@@ -366,10 +362,10 @@ pub fn gemv_f32_with(
         y.fill(0.0);
         return Ok(());
     }
-    let x = padded(x, cols);
+    let x = padded(x, 1, cols);
     for_row_runs(y, 1, rows, cols, |r0, y| {
         // SAFETY: as in `spmv_with`.
-        unsafe { (k.gemv_rows)(&w[r0 * cols..], cols, &x, y) }
+        unsafe { (k.gemv_rows)(&w[r0 * cols..], cols, x.f32(), y) }
     });
     Ok(())
 }
@@ -396,14 +392,50 @@ fn overflow(what: &str, a: usize, b: usize) -> CpuError {
     ))
 }
 
-/// `x` with zeros up to a multiple of 64 columns: every kernel reads whole blocks.
-fn padded(x: &[f32], cols: usize) -> Cow<'_, [f32]> {
-    if cols % BLOCK == 0 {
-        return Cow::Borrowed(x);
+/// Zeroed memory that starts on a 64-byte cache line. Vector loads at multiples of 32 bytes from it
+/// never straddle two lines; a split load costs about two, and callers' vectors are usually only
+/// 16-byte aligned.
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+pub(crate) struct Lines(Vec<Line>);
+
+impl Lines {
+    pub(crate) fn zeroed(bytes: usize) -> Self {
+        Lines(vec![Line([0; 64]); bytes.div_ceil(64)])
     }
-    let mut p = vec![0.0f32; cols.next_multiple_of(BLOCK)];
-    p[..cols].copy_from_slice(x);
-    Cow::Owned(p)
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        bytemuck::cast_slice_mut(&mut self.0)
+    }
+
+    pub(crate) fn f32(&self) -> &[f32] {
+        bytemuck::cast_slice(&self.0)
+    }
+
+    pub(crate) fn f32_mut(&mut self) -> &mut [f32] {
+        bytemuck::cast_slice_mut(&mut self.0)
+    }
+}
+
+/// `n` vectors of `cols` values, each copied to a line-aligned run of `cols` rounded up to a
+/// multiple of 64 and zero-filled after it: every kernel reads whole blocks.
+fn padded(xs: &[f32], n: usize, cols: usize) -> Lines {
+    let pc = cols.next_multiple_of(BLOCK);
+    let mut lines = Lines::zeroed(n * pc * 4);
+    for (dst, src) in lines
+        .f32_mut()
+        .chunks_exact_mut(pc)
+        .zip(xs.chunks_exact(cols))
+    {
+        dst[..cols].copy_from_slice(src);
+    }
+    lines
 }
 
 /// Checks that the planes have the lengths the shape implies: the SIMD kernels index them without
