@@ -70,7 +70,7 @@ unsafe fn load_partial(p: *const f32, n: usize) -> __m256 {
 /// [`super::lut`]): each 16 bytes of codes become 32 bytes at `FRONT` in their [`SLOT`] of `out`.
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn expand_codes(codes: &[u8], out: &mut [u8]) {
-    assert!(codes.len() % 16 == 0 && out.len() >= codes.len() / 16 * SLOT);
+    assert!(codes.len().is_multiple_of(16) && out.len() >= codes.len() / 16 * SLOT);
     let low = _mm256_set1_epi8(0x1E);
     let flip = _mm256_set1_epi8(0x11);
     // Shifting 16-bit lanes moves a neighbour's bit into each byte; the mask drops it.
@@ -92,7 +92,7 @@ fn expand_codes(codes: &[u8], out: &mut [u8]) {
             _mm256_storeu_si256(d, _mm256_permute2x128_si256::<0x31>(a, b));
         }
     }
-    if codes.len() % 32 != 0 {
+    if !codes.len().is_multiple_of(32) {
         // SAFETY: the last 16 code bytes and their 32 output bytes are inside the slices.
         unsafe {
             let c = _mm256_castsi128_si256(_mm_loadu_si128(src.add(32 * pairs) as *const __m128i));
@@ -341,7 +341,7 @@ unsafe fn dot(w: *const f32, x: *const f32, len: usize) -> f32 {
         );
         c += 1;
     }
-    if len % CHUNK != 0 {
+    if !len.is_multiple_of(CHUNK) {
         let o = CHUNK * c;
         let wv = load_partial(w.add(o), len % CHUNK);
         fma_at(&mut acc, c, wv, _mm256_loadu_ps(x.add(o)));
@@ -373,7 +373,7 @@ unsafe fn dot2(w0: *const f32, w1: *const f32, x: *const f32, len: usize) -> (f3
         fma_at(&mut b, c, _mm256_loadu_ps(w1.add(o)), xv);
         c += 1;
     }
-    if len % CHUNK != 0 {
+    if !len.is_multiple_of(CHUNK) {
         let o = CHUNK * c;
         let xv = _mm256_loadu_ps(x.add(o));
         fma_at(&mut a, c, load_partial(w0.add(o), len % CHUNK), xv);
@@ -496,47 +496,90 @@ fn store_chunk_f16(out: &mut [f16], c: usize, w: __m256) {
     }
 }
 
+/// Copies `src` to `dst` (same length) with 32-byte streaming stores, which write whole lines to
+/// memory without reading them first; the unaligned head and tail are copied plainly.
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn stream_copy(dst: &mut [u8], src: &[u8]) {
+    assert_eq!(dst.len(), src.len());
+    let head = dst.as_ptr().align_offset(32).min(dst.len());
+    let body = (dst.len() - head) / 32 * 32;
+    dst[..head].copy_from_slice(&src[..head]);
+    for i in (head..head + body).step_by(32) {
+        // SAFETY: 32 bytes at `i` in both slices (`i + 32 <= head + body <= len`), `dst + i` aligned.
+        unsafe {
+            let v = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
+            _mm256_stream_si256(dst.as_mut_ptr().add(i) as *mut __m256i, v);
+        }
+    }
+    dst[head + body..].copy_from_slice(&src[head + body..]);
+}
+
 /// Rows `r0..` of `w` into `out`, `stride` values per row (`cols` or the 64-padded width; zero past
-/// `cols`). Bit-identical to the reference decoder.
+/// `cols`). Bit-identical to the reference decoder. With `stream`, each row is decoded into a
+/// line-aligned buffer that stays in L1 and then streamed out ([`stream_copy`]).
 ///
 /// # Safety
 /// [`available`] must be true.
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
-pub unsafe fn decode_rows(w: &Tensor, r0: usize, out: &mut [f32], stride: usize) {
+pub unsafe fn decode_rows(w: &Tensor, r0: usize, out: &mut [f32], stride: usize, stream: bool) {
     let cols = w.shape()[1];
     let rows = out.len() / stride;
-    for_each_row(w, r0, rows, |i, prepared| {
-        let row = &mut out[i * stride..][..stride];
+    let mut buf = Lines::zeroed(if stream { stride * 4 } else { 0 });
+    let decode = |i: usize, prepared: &Scratch, row: &mut [f32]| {
         let (real, pad) = row.split_at_mut(cols);
         if decode_prepared(w, prepared, |c, wv| store_chunk(real, c, wv)) {
             pad.fill(0.0);
         } else {
             scalar::decode_row(w, r0 + i, row);
         }
+    };
+    for_each_row(w, r0, rows, |i, prepared| {
+        let dst = &mut out[i * stride..][..stride];
+        if stream {
+            let row = &mut buf.f32_mut()[..stride];
+            decode(i, prepared, row);
+            stream_copy(bytemuck::cast_slice_mut(dst), bytemuck::cast_slice(row));
+        } else {
+            decode(i, prepared, dst);
+        }
     });
+    // Streaming stores are weakly ordered: make them visible before the caller's join says done.
+    _mm_sfence();
 }
 
-/// Rows `r0..` of `w` into `out` as f16 (round to nearest even), `cols` values per row.
+/// Rows `r0..` of `w` into `out` as f16 (round to nearest even), `cols` values per row; `stream` as
+/// in [`decode_rows`].
 ///
 /// # Safety
 /// [`available`] must be true.
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
-pub unsafe fn decode_rows_f16(w: &Tensor, r0: usize, out: &mut [f16]) {
+pub unsafe fn decode_rows_f16(w: &Tensor, r0: usize, out: &mut [f16], stream: bool) {
     let cols = w.shape()[1];
     if let Tensor::F16(m) = w {
         out.copy_from_slice(&m.values[r0 * cols..][..out.len()]);
         return;
     }
     let mut f32_row = vec![0.0f32; cols];
-    for_each_row(w, r0, out.len() / cols, |i, prepared| {
-        let row = &mut out[i * cols..][..cols];
+    let mut buf = Lines::zeroed(if stream { cols * 2 } else { 0 });
+    let mut decode = |i: usize, prepared: &Scratch, row: &mut [f16]| {
         if !decode_prepared(w, prepared, |c, wv| store_chunk_f16(row, c, wv)) {
             scalar::decode_row(w, r0 + i, &mut f32_row);
             for c in 0..cols.div_ceil(CHUNK) {
                 store_chunk_f16(row, c, load_partial_row(&f32_row, c));
             }
         }
+    };
+    for_each_row(w, r0, out.len() / cols, |i, prepared| {
+        let dst = &mut out[i * cols..][..cols];
+        if stream {
+            let row: &mut [f16] = &mut bytemuck::cast_slice_mut(buf.bytes_mut())[..cols];
+            decode(i, prepared, row);
+            stream_copy(bytemuck::cast_slice_mut(dst), bytemuck::cast_slice(row));
+        } else {
+            decode(i, prepared, dst);
+        }
     });
+    _mm_sfence();
 }
 
 /// Chunk `c` of `row`, zero-filled past its end.

@@ -151,12 +151,13 @@ impl Simd {
 }
 
 /// One path's row kernels. Each works on a run of rows starting at `r0`; `x` is padded with zeros to
-/// a multiple of 64 columns. The pointers are `unsafe fn` because the SIMD ones need their CPU
+/// a multiple of 64 columns. The decoders' flag asks for streaming (non-temporal) stores where the
+/// path has them. The pointers are `unsafe fn` because the SIMD ones need their CPU
 /// features: [`Simd::kernels`] hands them out only after checking.
 struct Kernels {
     spmv_rows: unsafe fn(&Tensor, usize, &[f32], &mut [f32]),
-    decode_rows: unsafe fn(&Tensor, usize, &mut [f32], usize),
-    decode_rows_f16: unsafe fn(&Tensor, usize, &mut [f16]),
+    decode_rows: unsafe fn(&Tensor, usize, &mut [f32], usize, bool),
+    decode_rows_f16: unsafe fn(&Tensor, usize, &mut [f16], bool),
     dot_rows: unsafe fn(&[f32], usize, &[f32], &mut [f32]),
     gemv_rows: unsafe fn(&[f32], usize, &[f32], &mut [f32]),
 }
@@ -263,7 +264,7 @@ pub fn spmm_with(simd: Simd, w: &Tensor, xs: &[f32], n: usize, ys: &mut [f32]) -
             let tr = SPMM_TILE.min(run - t0);
             let tile = &mut tile.f32_mut()[..tr * pc];
             // SAFETY: as in `spmv_with`.
-            unsafe { (k.decode_rows)(w, r0 + t0, tile, pc) };
+            unsafe { (k.decode_rows)(w, r0 + t0, tile, pc, false) };
             for (i, x) in xp.f32().chunks_exact(pc).take(n).enumerate() {
                 unsafe { (k.dot_rows)(tile, pc, x, &mut dots[..tr]) };
                 for (j, &d) in dots[..tr].iter().enumerate() {
@@ -279,6 +280,11 @@ pub fn spmm_with(simd: Simd, w: &Tensor, xs: &[f32], n: usize, ys: &mut [f32]) -
     }
     Ok(())
 }
+
+/// Outputs at least this large are written with streaming stores: they would not stay in the cache
+/// anyway (32 MiB of L3 on the machine the figures in BENCHMARKS.md come from), and streaming skips
+/// reading each line before overwriting it.
+const STREAM_BYTES: usize = 16 << 20;
 
 /// Dense row-major f32 copy of `w` (`out`: rows * cols), bit-identical to the reference decode.
 pub fn decompress_f32(w: &Tensor, out: &mut [f32]) -> Result<()> {
@@ -301,9 +307,10 @@ pub fn decompress_f32_with(simd: Simd, w: &Tensor, out: &mut [f32]) -> Result<()
     if cols == 0 {
         return Ok(());
     }
+    let stream = std::mem::size_of_val(out) >= STREAM_BYTES;
     for_row_runs(out, cols, rows, cols, |r0, out| {
         // SAFETY: as in `spmv_with`.
-        unsafe { (k.decode_rows)(w, r0, out, cols) }
+        unsafe { (k.decode_rows)(w, r0, out, cols, stream) }
     });
     Ok(())
 }
@@ -329,9 +336,10 @@ pub fn decompress_f16_with(simd: Simd, w: &Tensor, out: &mut [f16]) -> Result<()
     if cols == 0 {
         return Ok(());
     }
+    let stream = std::mem::size_of_val(out) >= STREAM_BYTES;
     for_row_runs(out, cols, rows, cols, |r0, out| {
         // SAFETY: as in `spmv_with`.
-        unsafe { (k.decode_rows_f16)(w, r0, out) }
+        unsafe { (k.decode_rows_f16)(w, r0, out, stream) }
     });
     Ok(())
 }
@@ -406,10 +414,12 @@ impl Lines {
         Lines(vec![Line([0; 64]); bytes.div_ceil(64)])
     }
 
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn bytes(&self) -> &[u8] {
         bytemuck::cast_slice(&self.0)
     }
 
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
         bytemuck::cast_slice_mut(&mut self.0)
     }
@@ -500,4 +510,44 @@ fn for_row_runs<T: Send>(
     out.par_chunks_mut(run * per_row)
         .enumerate()
         .for_each(|(i, chunk)| f(i * run, chunk));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{Dense, SparseMatrix};
+    use crate::rng::{test_seed, Rng};
+
+    /// The streaming-store path of the decoders (taken only for outputs of 16 MiB and more by the
+    /// public functions) against the reference decode, on small shapes, at both alignments a row
+    /// can start at.
+    #[test]
+    fn streaming_decoders_match_the_reference() {
+        let mut rng = Rng::new(test_seed("streaming_decoders"));
+        for (rows, cols) in [(5, 200), (4, 64), (3, 100)] {
+            let w = rng.normal_vec(rows * cols, 0.02);
+            let d = Dense::f32(rows, cols, &w).unwrap();
+            let t = Tensor::Sparse(SparseMatrix::encode(&d, 128, None).unwrap());
+            let want = reference::decompress_f32(&t);
+            for simd in Simd::available() {
+                let k = simd.kernels().unwrap();
+                for shift in 0..2 {
+                    let mut out = Lines::zeroed((rows * cols + 4) * 4);
+                    let out = &mut out.f32_mut()[4 * shift..][..rows * cols];
+                    out.fill(f32::NAN);
+                    // SAFETY: the kernels come from `Simd::kernels`.
+                    unsafe { (k.decode_rows)(&t, 0, out, cols, true) };
+                    assert!(out
+                        .iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()));
+                    let mut out16 = vec![f16::NAN; rows * cols + 8];
+                    let out16 = &mut out16[shift * 4..][..rows * cols];
+                    unsafe { (k.decode_rows_f16)(&t, 0, out16, true) };
+                    let want16 = want.iter().map(|&v| f16::from_f32(v).to_bits());
+                    assert!(out16.iter().map(|h| h.to_bits()).eq(want16), "{simd:?}");
+                }
+            }
+        }
+    }
 }
