@@ -170,14 +170,36 @@ impl Scratch {
             _ => return,
         };
         expand_codes(codes, self.bytes.bytes_mut());
-        let mut zero = false;
-        for (pair, h) in self.scales.iter_mut().zip(scales) {
-            zero |= h.to_bits() & 0x7FFF == 0;
-            let s = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)));
-            *pair = [128.0 * s, 144.0 * s];
-        }
-        self.zero_scale = zero;
+        self.zero_scale = scale_pairs(scales, &mut self.scales);
     }
+}
+
+/// `[128 s, 144 s]` for each f16 scale `s`; returns whether any scale is zero.
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn scale_pairs(h: &[f16], out: &mut [[f32; 2]]) -> bool {
+    let (k128, k144) = (_mm256_set1_ps(128.0), _mm256_set1_ps(144.0));
+    let mut zero = 0;
+    let mut hc = h.chunks_exact(8);
+    let mut oc = out.chunks_exact_mut(8);
+    for (src, dst) in (&mut hc).zip(&mut oc) {
+        // SAFETY: 8 scales in, 8 pairs (64 bytes) out.
+        unsafe {
+            let s = _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr() as *const __m128i));
+            zero |= _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(s, _mm256_setzero_ps()));
+            let (a, b) = (_mm256_mul_ps(s, k128), _mm256_mul_ps(s, k144));
+            // In-lane unpacks give pairs 0, 1, 4, 5 and 2, 3, 6, 7.
+            let (lo, hi) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+            let p = dst.as_mut_ptr() as *mut f32;
+            _mm256_storeu_ps(p, _mm256_permute2f128_ps::<0x20>(lo, hi));
+            _mm256_storeu_ps(p.add(8), _mm256_permute2f128_ps::<0x31>(lo, hi));
+        }
+    }
+    for (src, dst) in hc.remainder().iter().zip(oc.into_remainder()) {
+        let s = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(src.to_bits() as i32)));
+        zero |= (s == 0.0) as i32;
+        *dst = [128.0 * s, 144.0 * s];
+    }
+    zero != 0
 }
 
 /// Calls `body(i, scratch)` for rows `r0 + i`, `i < n`, each prepared by [`Scratch::load`] one row
@@ -213,13 +235,17 @@ fn chunk_descriptors(masks: &[u64], out: &mut [u32]) {
         3, 4,
     );
     let nibble = _mm256_set1_epi8(0x0F);
-    for (q, dst) in out.chunks_exact_mut(32).enumerate() {
-        let mut four = [0u64; 4];
-        let Some(src) = masks.get(4 * q..) else { break };
-        let n = src.len().min(4);
-        four[..n].copy_from_slice(&src[..n]);
-        // SAFETY: `four` holds 32 bytes.
-        let v = unsafe { _mm256_loadu_si256(four.as_ptr() as *const __m256i) };
+    let quads = masks.len().div_ceil(4);
+    for (q, dst) in out.chunks_exact_mut(32).take(quads).enumerate() {
+        let v = if 4 * q + 4 <= masks.len() {
+            // SAFETY: 4 masks at 4 q.
+            unsafe { _mm256_loadu_si256(masks.as_ptr().add(4 * q) as *const __m256i) }
+        } else {
+            let mut four = [0u64; 4];
+            four[..masks.len() - 4 * q].copy_from_slice(&masks[4 * q..]);
+            // SAFETY: `four` holds 32 bytes.
+            unsafe { _mm256_loadu_si256(four.as_ptr() as *const __m256i) }
+        };
         // Shifting 16-bit lanes moves a neighbour's bits into each byte; the masks drop them.
         let low = _mm256_shuffle_epi8(pop4, _mm256_and_si256(v, nibble));
         let high = _mm256_shuffle_epi8(pop4, _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble));
