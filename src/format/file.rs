@@ -21,7 +21,9 @@
 //! The writer knows every size up front (they follow from the shapes), so it lays out the whole file
 //! when it is created and then takes tensors one at a time in any order: converting a 29 GB checkpoint
 //! never holds more than one tensor. It writes to `PATH.partial` and renames on [`UpgWriter::finish`];
-//! a writer dropped before that deletes its temporary file, so no half-written .upg ever exists.
+//! a writer dropped before that deletes its temporary file, so no half-written .upg ever exists. (A
+//! process killed outright, or stopped by Ctrl-C with no handler, skips the drop and leaves
+//! `PATH.partial` behind, never `PATH`; the next writer for `PATH` overwrites it.)
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
