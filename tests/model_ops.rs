@@ -341,8 +341,8 @@ fn rope_tables_follow_the_published_formulas() {
         let t = RopeTable::new(&c, set, 40);
         assert_eq!(t.half, 6);
         for pos in [0usize, 1, 17, 39] {
-            for i in 0..6 {
-                let a = pos as f64 / (f[i] * 5000f64.powf(2.0 * i as f64 / 12.0));
+            for (i, fi) in f.iter().enumerate() {
+                let a = pos as f64 / (fi * 5000f64.powf(2.0 * i as f64 / 12.0));
                 let (got_c, got_s) = (t.cos[pos * 6 + i] as f64, t.sin[pos * 6 + i] as f64);
                 assert!(
                     (got_c - a.cos() * s).abs() < 1e-6,
