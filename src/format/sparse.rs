@@ -57,7 +57,7 @@ pub fn groups_per_row(cols: usize, group: usize) -> usize {
 
 /// Checks that `group` is a positive multiple of the block width.
 pub fn check_group(group: usize) -> Result<()> {
-    if group == 0 || group % BLOCK != 0 {
+    if group == 0 || !group.is_multiple_of(BLOCK) {
         return Err(FormatError::Parameter(format!(
             "sparse scale group {group} must be a positive multiple of {BLOCK} columns (try 128)"
         )));
