@@ -5,7 +5,7 @@
 
 mod model_common;
 
-use upg::cpu::reference;
+use upg::cpu::{reference, Simd};
 use upg::format::{Codec, Dense, Tensor};
 use upg::model::backend::{AttentionShape, Backend};
 use upg::model::cpu_backend::linear;
@@ -291,31 +291,63 @@ fn cpu_ops_match_f64() {
 }
 
 #[test]
-fn cpu_linear_is_the_reference_kernel_bit_for_bit() {
-    let mut rng = Rng::new(test_seed("cpu_linear_is_the_reference_kernel_bit_for_bit"));
+fn cpu_ops_match_f64_on_every_simd_path() {
+    let mut rng = Rng::new(test_seed("cpu_ops_match_f64_on_every_simd_path"));
+    for simd in Simd::available() {
+        check_matmul(&mut Cpu::with_simd(simd), &mut rng);
+    }
+}
+
+/// Prefill (a batch) and decoding (one position) must give the same logits: the batched product equals
+/// the single one bit for bit.
+#[test]
+fn cpu_linear_batched_equals_single_bit_for_bit() {
+    let mut rng = Rng::new(test_seed("cpu_linear_batched_equals_single_bit_for_bit"));
     let (rows, cols, n) = (45, 192, 6);
-    let w = rng.normal_vec(rows * cols, 0.05);
-    let t = encode(
-        &Dense::f32(rows, cols, &w).unwrap(),
-        Codec::Sparse,
+    for codec in [Codec::F32, Codec::F16, Codec::Q4, Codec::Sparse] {
+        let w = rng.normal_vec(rows * cols, 0.05);
+        let t = encode(
+            &Dense::f32(rows, cols, &w).unwrap(),
+            codec,
+            &CodecPlan::exact(),
+        )
+        .unwrap();
+        let x = rng.normal_vec(n * cols, 1.0);
+        let mut batched = vec![f32::NAN; n * rows];
+        linear(None, &t, &x, &mut batched, n).unwrap();
+        for tt in 0..n {
+            let mut single = vec![f32::NAN; rows];
+            linear(None, &t, &x[tt * cols..][..cols], &mut single, 1).unwrap();
+            assert_eq!(
+                &batched[tt * rows..][..rows],
+                &single[..],
+                "{codec:?}, input {tt}"
+            );
+        }
+    }
+}
+
+#[test]
+fn cpu_op_failures_surface_at_the_end_of_the_pass() {
+    // A tensor whose planes do not fit its shape: the product fails, `read` reports it.
+    let mut t = encode(
+        &Dense::f32(4, 64, &[0.1; 256]).unwrap(),
+        Codec::F32,
         &CodecPlan::exact(),
     )
     .unwrap();
-    let x = rng.normal_vec(n * cols, 1.0);
-    let mut batched = vec![f32::NAN; n * rows];
-    linear(&t, &x, &mut batched, n);
-    for tt in 0..n {
-        let mut want = vec![f32::NAN; rows];
-        reference::spmv(&t, &x[tt * cols..][..cols], &mut want);
-        let mut single = vec![f32::NAN; rows];
-        linear(&t, &x[tt * cols..][..cols], &mut single, 1);
-        assert_eq!(single, want, "n = 1, input {tt}");
-        assert_eq!(
-            &batched[tt * rows..][..rows],
-            &want[..],
-            "batched, input {tt}"
-        );
+    if let Tensor::F32(m) = &mut t {
+        m.rows = 5;
     }
+    let mut cpu = Cpu::new();
+    let m = cpu.matrix(t).unwrap();
+    let x = cpu.buffer(&[1.0; 64]).unwrap();
+    let mut y = cpu.scratch(5).unwrap();
+    cpu.matmul(&m, &x, &mut y, 1);
+    let err = cpu.read(&y, 5).unwrap_err().to_string();
+    assert!(err.contains("[5, 64]"), "{err}");
+    // Reported once: the next pass starts clean.
+    assert!(cpu.read(&y, 5).is_ok());
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -341,8 +373,8 @@ fn rope_tables_follow_the_published_formulas() {
         let t = RopeTable::new(&c, set, 40);
         assert_eq!(t.half, 6);
         for pos in [0usize, 1, 17, 39] {
-            for i in 0..6 {
-                let a = pos as f64 / (f[i] * 5000f64.powf(2.0 * i as f64 / 12.0));
+            for (i, fi) in f.iter().enumerate() {
+                let a = pos as f64 / (fi * 5000f64.powf(2.0 * i as f64 / 12.0));
                 let (got_c, got_s) = (t.cos[pos * 6 + i] as f64, t.sin[pos * 6 + i] as f64);
                 assert!(
                     (got_c - a.cos() * s).abs() < 1e-6,

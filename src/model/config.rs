@@ -159,7 +159,7 @@ impl Config {
             return Err(bad("num_attention_heads is 0".into()));
         }
         let hidden = raw.hidden_size;
-        if hidden == 0 || hidden % heads != 0 {
+        if hidden == 0 || !hidden.is_multiple_of(heads) {
             return Err(bad(format!(
                 "hidden_size {hidden} is not a positive multiple of num_attention_heads {heads}"
             )));
@@ -173,7 +173,7 @@ impl Config {
             }
         }
         let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
-        if kv_heads == 0 || heads % kv_heads != 0 {
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(bad(format!(
                 "num_key_value_heads {kv_heads} must be positive and divide num_attention_heads {heads}"
             )));
@@ -213,7 +213,7 @@ impl Config {
             )));
         }
         let rotary_dim = (head_dim as f64 * partial) as usize;
-        if rotary_dim == 0 || rotary_dim % 2 != 0 {
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
             return Err(bad(format!(
                 "head_dim {head_dim} * partial_rotary_factor {partial} gives {rotary_dim} rotary dimensions; RoPE needs a positive even number"
             )));

@@ -1,27 +1,45 @@
 //! The CPU backend: every op runs when called, in f32, on all cores (rayon) where the work is large.
 //!
-//! [`linear`] is the one matrix op. It has the reference kernel's semantics (decode each weight row with
-//! the codec's `decode_row`, accumulate in f32 in column order, bit for bit what
-//! `cpu::reference::spmv` gives) but runs rows in parallel and, for a batch of positions, decodes each
-//! weight row once for all of them. The fast `cpu::spmv` / `cpu::spmm` kernels replace its body when
-//! they land.
+//! Matrix products go to the crate's CPU kernels ([`crate::cpu::spmv`] for one position,
+//! [`crate::cpu::spmm`] for a batch, which decodes each weight row once for all positions and equals
+//! `spmv` bit for bit, so prefill and token-by-token decoding give identical logits). The kernels
+//! report errors (a corrupt tensor, an unknown `UPG_CPU_SIMD`) as values; following the backend
+//! contract, the first one is kept and returned by the next `sample` or `read`.
 
 use rayon::prelude::*;
 
 use super::backend::{AttentionShape, Backend};
-use super::error::Result;
+use super::error::{ModelError, Result};
 use super::sampler::Sampler;
+use crate::cpu::{self, Simd};
 use crate::format::Tensor;
 
-/// Output rows per parallel task of [`linear`]: enough work per task to hide scheduling.
-const ROWS_PER_TASK: usize = 16;
-
 #[derive(Default)]
-pub struct Cpu;
+pub struct Cpu {
+    /// The SIMD path of the matrix kernels; `None` = [`Simd::detect`].
+    simd: Option<Simd>,
+    /// The first op failure since the last `sample` / `read`.
+    failed: Option<String>,
+}
 
 impl Cpu {
     pub fn new() -> Self {
-        Cpu
+        Self::default()
+    }
+
+    /// A backend whose matrix kernels use `simd` (for comparing paths).
+    pub fn with_simd(simd: Simd) -> Self {
+        Self {
+            simd: Some(simd),
+            failed: None,
+        }
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        match self.failed.take() {
+            Some(e) => Err(ModelError::Backend(e)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -30,43 +48,25 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// y[t] = W x[t] for t < n; x is [n, cols], y is [n, rows].
-pub fn linear(w: &Tensor, x: &[f32], y: &mut [f32], n: usize) {
+/// y[t] = W x[t] for t < n; x is [n, cols] (or longer), y is [n, rows] (or longer).
+pub fn linear(
+    simd: Option<Simd>,
+    w: &Tensor,
+    x: &[f32],
+    y: &mut [f32],
+    n: usize,
+) -> cpu::Result<()> {
     let [rows, cols] = w.shape();
+    let simd = match simd {
+        Some(s) => s,
+        None => Simd::detect()?,
+    };
     let (x, y) = (&x[..n * cols], &mut y[..n * rows]);
     if n == 1 {
-        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each_init(
-            || vec![0.0f32; cols],
-            |row, (c, ys)| {
-                for (i, yr) in ys.iter_mut().enumerate() {
-                    w.decode_row(c * ROWS_PER_TASK + i, row);
-                    *yr = dot(row, x);
-                }
-            },
-        );
-        return;
+        cpu::spmv_with(simd, w, x, y)
+    } else {
+        cpu::spmm_with(simd, w, x, n, y)
     }
-    // Batched: decode each weight row once, dot it with every input row; results land transposed
-    // ([rows, n]) so each task writes one contiguous range.
-    let mut yt = vec![0.0f32; rows * n];
-    yt.par_chunks_mut(ROWS_PER_TASK * n)
-        .enumerate()
-        .for_each_init(
-            || vec![0.0f32; cols],
-            |row, (c, out)| {
-                for (i, o) in out.chunks_mut(n).enumerate() {
-                    w.decode_row(c * ROWS_PER_TASK + i, row);
-                    for (t, v) in o.iter_mut().enumerate() {
-                        *v = dot(row, &x[t * cols..][..cols]);
-                    }
-                }
-            },
-        );
-    y.par_chunks_mut(rows).enumerate().for_each(|(t, yr)| {
-        for (r, v) in yr.iter_mut().enumerate() {
-            *v = yt[r * n + t];
-        }
-    });
 }
 
 impl Backend for Cpu {
@@ -74,7 +74,12 @@ impl Backend for Cpu {
     type Matrix = Tensor;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        let simd = self.simd.map(Ok).unwrap_or_else(Simd::detect);
+        format!(
+            "cpu ({}, {} threads)",
+            simd.map_or("no usable SIMD path", |s| s.name()),
+            rayon::current_num_threads()
+        )
     }
 
     fn matrix(&mut self, host: Tensor) -> Result<Tensor> {
@@ -98,7 +103,12 @@ impl Backend for Cpu {
     }
 
     fn matmul(&mut self, w: &Tensor, x: &Vec<f32>, y: &mut Vec<f32>, n: usize) {
-        linear(w, x, y, n);
+        if let Err(e) = linear(self.simd, w, x, y, n) {
+            let [rows, cols] = w.shape();
+            self.failed.get_or_insert(format!(
+                "matrix product with a [{rows}, {cols}] weight: {e}"
+            ));
+        }
     }
 
     fn rmsnorm(
@@ -244,10 +254,12 @@ impl Backend for Cpu {
         sampler: &mut Sampler,
         history: &[u32],
     ) -> Result<u32> {
+        self.finish()?;
         Ok(sampler.sample(&logits[..vocab], history))
     }
 
     fn read(&mut self, buf: &Vec<f32>, len: usize) -> Result<Vec<f32>> {
+        self.finish()?;
         Ok(buf[..len].to_vec())
     }
 }
