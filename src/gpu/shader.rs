@@ -14,6 +14,13 @@ pub enum Kernel {
     GemvF16,
     GemvF32,
     GemvQ4,
+    Rmsnorm,
+    Rope,
+    KvStore,
+    Attention,
+    SiluMul,
+    Add,
+    Argmax,
 }
 
 /// How a kernel uses one binding of group 0.
@@ -56,13 +63,20 @@ impl Variant {
 use Binding::{Read, ReadWrite, Uniform};
 
 impl Kernel {
-    pub const ALL: [Kernel; 6] = [
+    pub const ALL: [Kernel; 13] = [
         Kernel::Copy,
         Kernel::Spmv,
         Kernel::Decompress,
         Kernel::GemvF16,
         Kernel::GemvF32,
         Kernel::GemvQ4,
+        Kernel::Rmsnorm,
+        Kernel::Rope,
+        Kernel::KvStore,
+        Kernel::Attention,
+        Kernel::SiluMul,
+        Kernel::Add,
+        Kernel::Argmax,
     ];
 
     /// The file name in `wgsl/`.
@@ -74,6 +88,13 @@ impl Kernel {
             Kernel::GemvF16 => "gemv_f16.wgsl",
             Kernel::GemvF32 => "gemv_f32.wgsl",
             Kernel::GemvQ4 => "gemv_q4.wgsl",
+            Kernel::Rmsnorm => "rmsnorm.wgsl",
+            Kernel::Rope => "rope.wgsl",
+            Kernel::KvStore => "kv_store.wgsl",
+            Kernel::Attention => "attention.wgsl",
+            Kernel::SiluMul => "silu_mul.wgsl",
+            Kernel::Add => "add.wgsl",
+            Kernel::Argmax => "argmax.wgsl",
         }
     }
 
@@ -86,6 +107,13 @@ impl Kernel {
             Kernel::GemvF16 => include_str!("../../wgsl/gemv_f16.wgsl"),
             Kernel::GemvF32 => include_str!("../../wgsl/gemv_f32.wgsl"),
             Kernel::GemvQ4 => include_str!("../../wgsl/gemv_q4.wgsl"),
+            Kernel::Rmsnorm => include_str!("../../wgsl/rmsnorm.wgsl"),
+            Kernel::Rope => include_str!("../../wgsl/rope.wgsl"),
+            Kernel::KvStore => include_str!("../../wgsl/kv_store.wgsl"),
+            Kernel::Attention => include_str!("../../wgsl/attention.wgsl"),
+            Kernel::SiluMul => include_str!("../../wgsl/silu_mul.wgsl"),
+            Kernel::Add => include_str!("../../wgsl/add.wgsl"),
+            Kernel::Argmax => include_str!("../../wgsl/argmax.wgsl"),
         }
     }
 
@@ -97,6 +125,13 @@ impl Kernel {
             Kernel::Decompress => &[Uniform, Read, Read, Read, Read, ReadWrite],
             Kernel::GemvF16 | Kernel::GemvF32 => &[Uniform, Read, Read, ReadWrite, Read],
             Kernel::GemvQ4 => &[Uniform, Read, Read, Read, ReadWrite, Read],
+            Kernel::Rmsnorm => &[Uniform, Read, Read, ReadWrite],
+            Kernel::Rope => &[Uniform, ReadWrite, Read, Read],
+            Kernel::KvStore => &[Uniform, Read, ReadWrite, ReadWrite],
+            Kernel::Attention => &[Uniform, Read, Read, Read, ReadWrite],
+            Kernel::SiluMul => &[Uniform, Read, ReadWrite],
+            Kernel::Add => &[Uniform, ReadWrite, Read],
+            Kernel::Argmax => &[Uniform, Read, ReadWrite],
         }
     }
 
