@@ -27,6 +27,7 @@ fn override_sets(k: Kernel) -> Vec<Vec<(&'static str, f64)>> {
         Kernel::GemvQ4 => vec![vec![], vec![("GROUP_CHUNKS", 2.0), ("RESIDUAL", 1.0)]],
         Kernel::GemvF16 | Kernel::GemvF32 => vec![vec![], vec![("RESIDUAL", 2.0)]],
         Kernel::KvStore | Kernel::Attention => vec![vec![], vec![("KV_F16", 0.0)]],
+        Kernel::Embed => vec![vec![], vec![("CODEC", 1.0)], vec![("CODEC", 2.0)]],
         Kernel::Copy
         | Kernel::Rmsnorm
         | Kernel::Rope

@@ -112,7 +112,21 @@ impl Gpu {
 
     /// Reads `size` bytes of `buf` from `offset` (both multiples of 4) through a staging buffer.
     pub fn read_bytes(&self, buf: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
+        let enc = self.device.create_command_encoder(&Default::default());
+        self.submit_and_read(enc, buf, offset, size)
+    }
+
+    /// Submits `enc` (work already recorded in it) with a copy of `size` bytes of `buf` at `offset`
+    /// appended, waits, and returns those bytes: one submission for a pass and its read-back.
+    pub(crate) fn submit_and_read(
+        &self,
+        mut enc: wgpu::CommandEncoder,
+        buf: &wgpu::Buffer,
+        offset: u64,
+        size: u64,
+    ) -> Result<Vec<u8>> {
         if size == 0 {
+            self.submit_and_wait(enc.finish())?;
             return Ok(Vec::new());
         }
         let staging = self.scoped("allocating a read-back buffer", || {
@@ -123,7 +137,6 @@ impl Gpu {
                 mapped_at_creation: false,
             })
         })?;
-        let mut enc = self.device.create_command_encoder(&Default::default());
         enc.copy_buffer_to_buffer(buf, offset, &staging, 0, size);
         self.submit_and_wait(enc.finish())?;
         let (tx, rx) = std::sync::mpsc::channel();

@@ -21,6 +21,7 @@ pub enum Kernel {
     SiluMul,
     Add,
     Argmax,
+    Embed,
 }
 
 /// How a kernel uses one binding of group 0.
@@ -63,7 +64,7 @@ impl Variant {
 use Binding::{Read, ReadWrite, Uniform};
 
 impl Kernel {
-    pub const ALL: [Kernel; 13] = [
+    pub const ALL: [Kernel; 14] = [
         Kernel::Copy,
         Kernel::Spmv,
         Kernel::Decompress,
@@ -77,6 +78,7 @@ impl Kernel {
         Kernel::SiluMul,
         Kernel::Add,
         Kernel::Argmax,
+        Kernel::Embed,
     ];
 
     /// The file name in `wgsl/`.
@@ -95,6 +97,7 @@ impl Kernel {
             Kernel::SiluMul => "silu_mul.wgsl",
             Kernel::Add => "add.wgsl",
             Kernel::Argmax => "argmax.wgsl",
+            Kernel::Embed => "embed.wgsl",
         }
     }
 
@@ -114,6 +117,7 @@ impl Kernel {
             Kernel::SiluMul => include_str!("../../wgsl/silu_mul.wgsl"),
             Kernel::Add => include_str!("../../wgsl/add.wgsl"),
             Kernel::Argmax => include_str!("../../wgsl/argmax.wgsl"),
+            Kernel::Embed => include_str!("../../wgsl/embed.wgsl"),
         }
     }
 
@@ -132,6 +136,7 @@ impl Kernel {
             Kernel::SiluMul => &[Uniform, Read, ReadWrite],
             Kernel::Add => &[Uniform, ReadWrite, Read],
             Kernel::Argmax => &[Uniform, Read, ReadWrite],
+            Kernel::Embed => &[Uniform, Read, Read, ReadWrite],
         }
     }
 
