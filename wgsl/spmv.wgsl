@@ -44,6 +44,10 @@ override SLICES: u32 = 8u;
 override TILE_BLOCKS: u32 = 64u;
 override GROUP_BLOCKS: u32 = 2u;
 override RESIDUAL: u32 = 0u;
+// Bench experiments (results are wrong unless both are 0): DIAG 1 replaces the mask walk by fixed
+// columns, DIAG 2 skips all per-weight work; CODES 1 converts each code alone with an f32 trick.
+override DIAG: u32 = 0u;
+override CODES: u32 = 0u;
 const LANES: u32 = 32u;
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -61,8 +65,18 @@ var<workgroup> partial: array<f32, LANES * SLICES>;
 // The levels 2c - 15 of codes j and j + 4 of word w. Each nibble lands in bits 1..4 of an f16 whose
 // exponent makes it 1024 + 2c; converting to f32 and subtracting 1039 are exact.
 fn levels(w: u32, j: u32) -> vec2<f32> {
+    if CODES == 1u {
+        // 2^23 + 2c as f32 bits, minus 2^23 + 15: exact.
+        let a = bitcast<f32>((((w >> (4u * j)) << 1u) & 0x1Eu) | 0x4B000000u) - 8388623.0;
+        let b = bitcast<f32>((((w >> (4u * j + 16u)) << 1u) & 0x1Eu) | 0x4B000000u) - 8388623.0;
+        return vec2<f32>(a, b);
+    }
     let h = (((w >> (4u * j)) << 1u) & 0x001E001Eu) | 0x64006400u;
     return unpack2x16float(h) - vec2<f32>(1039.0);
+}
+
+fn top(m: u32, fixed: u32) -> u32 {
+    return select(firstLeadingBit(m), fixed, DIAG == 1u);
 }
 
 struct Walk {
@@ -78,16 +92,16 @@ fn walk8(st: Walk, wa: u32, wb: u32, base: u32) -> Walk {
     for (var j = 0u; j < 4u; j++) {
         let va = levels(wa, j);
         let vb = levels(wb, j);
-        var p = firstLeadingBit(w.ma);
+        var p = top(w.ma, 2u * j);
         w.ma ^= 1u << p;
         w.sa = fma(va.x, xs[base + p], w.sa);
-        var q = firstLeadingBit(w.mb);
+        var q = top(w.mb, 2u * j);
         w.mb ^= 1u << q;
         w.sb = fma(vb.x, xs[base + 32u + q], w.sb);
-        p = firstLeadingBit(w.ma);
+        p = top(w.ma, 2u * j + 1u);
         w.ma ^= 1u << p;
         w.sa = fma(va.y, xs[base + p], w.sa);
-        q = firstLeadingBit(w.mb);
+        q = top(w.mb, 2u * j + 1u);
         w.mb ^= 1u << q;
         w.sb = fma(vb.y, xs[base + 32u + q], w.sb);
     }
@@ -95,6 +109,9 @@ fn walk8(st: Walk, wa: u32, wb: u32, base: u32) -> Walk {
 }
 
 fn block_sum(m: vec2<u32>, c: vec4<u32>, base: u32) -> f32 {
+    if DIAG == 2u {
+        return f32(m.x ^ m.y ^ c.x ^ c.y ^ c.z ^ c.w) * xs[base];
+    }
     var w = Walk(m.x, m.y, 0.0, 0.0);
     w = walk8(w, c.x, c.z, base);
     w = walk8(w, c.y, c.w, base);

@@ -33,6 +33,9 @@ pub struct GpuOptions {
     /// range by construction of the upload layout.
     pub runtime_checks: bool,
     pub limits: LimitOverrides,
+    /// Bench knob: override constants of spmv.wgsl (e.g. SLICES, TILE_BLOCKS) that replace the
+    /// launcher's choice or add to it.
+    pub spmv_overrides: Vec<(String, f64)>,
 }
 
 impl Default for GpuOptions {
@@ -45,6 +48,7 @@ impl Default for GpuOptions {
             timestamps: true,
             runtime_checks: true,
             limits: LimitOverrides::default(),
+            spmv_overrides: Vec::new(),
         }
     }
 }
@@ -107,7 +111,7 @@ pub struct Features {
 struct PipelineKey {
     kernel: Kernel,
     /// Override constants by name, values as f64 bits (all are small integers or booleans).
-    constants: Vec<(&'static str, u64)>,
+    constants: Vec<(String, u64)>,
 }
 
 pub struct Gpu {
@@ -117,6 +121,7 @@ pub struct Gpu {
     features: Features,
     limits: Limits,
     runtime_checks: bool,
+    pub(crate) spmv_overrides: Vec<(String, f64)>,
     layouts: Mutex<HashMap<Kernel, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>>,
     modules: Mutex<HashMap<Kernel, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
@@ -262,6 +267,7 @@ impl Gpu {
             info,
             limits,
             runtime_checks: opts.runtime_checks,
+            spmv_overrides: opts.spmv_overrides.clone(),
             layouts: Mutex::default(),
             modules: Mutex::default(),
             pipelines: Mutex::default(),
@@ -455,11 +461,14 @@ impl Gpu {
     pub(crate) fn pipeline(
         &self,
         kernel: Kernel,
-        constants: &[(&'static str, f64)],
+        constants: &[(&str, f64)],
     ) -> Result<(wgpu::ComputePipeline, wgpu::BindGroupLayout)> {
         let key = PipelineKey {
             kernel,
-            constants: constants.iter().map(|&(n, v)| (n, v.to_bits())).collect(),
+            constants: constants
+                .iter()
+                .map(|&(n, v)| (n.to_string(), v.to_bits()))
+                .collect(),
         };
         let (bgl, layout) = self.layout(kernel)?;
         if let Some(p) = self.pipelines.lock().map_err(|_| poisoned())?.get(&key) {

@@ -44,42 +44,50 @@ impl Gpu {
             if c.rows == 0 || w.cols == 0 && !matches!(w.layout, Layout::Sparse { .. }) {
                 continue;
             }
-            let (kernel, constants, groups): (Kernel, Vec<(&'static str, f64)>, usize) =
-                match w.layout {
-                    Layout::Sparse {
-                        blocks,
-                        group_blocks,
-                        ..
-                    } => {
-                        let tiles = c.rows.div_ceil(TILE_ROWS);
-                        let (slices, tile_blocks) = self.spmv_shape(tiles, blocks)?;
-                        (
-                            Kernel::Spmv,
-                            vec![
-                                ("GROUP_BLOCKS", group_blocks as f64),
-                                ("RESIDUAL", mode),
-                                ("SLICES", slices as f64),
-                                ("TILE_BLOCKS", tile_blocks as f64),
-                            ],
-                            tiles,
-                        )
+            let (kernel, mut constants, groups): (Kernel, Vec<(&str, f64)>, usize) = match w.layout
+            {
+                Layout::Sparse {
+                    blocks,
+                    group_blocks,
+                    ..
+                } => {
+                    let tiles = c.rows.div_ceil(TILE_ROWS);
+                    let (slices, tile_blocks) = self.spmv_shape(tiles, blocks)?;
+                    (
+                        Kernel::Spmv,
+                        vec![
+                            ("GROUP_BLOCKS", group_blocks as f64),
+                            ("RESIDUAL", mode),
+                            ("SLICES", slices as f64),
+                            ("TILE_BLOCKS", tile_blocks as f64),
+                        ],
+                        tiles,
+                    )
+                }
+                Layout::F16 { .. } => (
+                    Kernel::GemvF16,
+                    vec![("RESIDUAL", mode)],
+                    c.rows.div_ceil(8),
+                ),
+                Layout::F32 { .. } => (
+                    Kernel::GemvF32,
+                    vec![("RESIDUAL", mode)],
+                    c.rows.div_ceil(8),
+                ),
+                Layout::Q4 { group, .. } => (
+                    Kernel::GemvQ4,
+                    vec![("GROUP_CHUNKS", (group / 32) as f64), ("RESIDUAL", mode)],
+                    c.rows.div_ceil(8),
+                ),
+            };
+            if kernel == Kernel::Spmv {
+                for (name, v) in &self.spmv_overrides {
+                    match constants.iter_mut().find(|c| c.0 == name) {
+                        Some(c) => c.1 = *v,
+                        None => constants.push((name, *v)),
                     }
-                    Layout::F16 { .. } => (
-                        Kernel::GemvF16,
-                        vec![("RESIDUAL", mode)],
-                        c.rows.div_ceil(8),
-                    ),
-                    Layout::F32 { .. } => (
-                        Kernel::GemvF32,
-                        vec![("RESIDUAL", mode)],
-                        c.rows.div_ceil(8),
-                    ),
-                    Layout::Q4 { group, .. } => (
-                        Kernel::GemvQ4,
-                        vec![("GROUP_CHUNKS", (group / 32) as f64), ("RESIDUAL", mode)],
-                        c.rows.div_ceil(8),
-                    ),
-                };
+                }
+            }
             let (pipeline, layout) = self.pipeline(kernel, &constants)?;
             let mut buffers: Vec<&wgpu::Buffer> = vec![&c.params];
             buffers.extend(&c.planes);
