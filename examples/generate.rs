@@ -116,7 +116,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             });
             if dir.extension().is_some_and(|e| e == "upg") || dir.is_file() {
                 return Err(format!(
-                    "{}: .upg files cannot be loaded yet (the file container is not in this build); give a Hugging Face model folder",
+                    "{}: .upg model files cannot be loaded yet (the model layout inside .upg and the converter are still to come); give a Hugging Face model folder",
                     dir.display()
                 )
                 .into());
