@@ -24,5 +24,4 @@ pub mod shader;
 pub use buffers::GpuVector;
 pub use context::{AdapterSummary, Features, Gpu, GpuOptions, LimitOverrides, Limits};
 pub use error::{GpuError, Result};
-pub use kernels::x_capacity;
 pub use matrix::{DenseKind, GpuMatrix};
