@@ -13,7 +13,7 @@
 //! the file's 25 bytes per 64 weights; gemv_f16: 2 bytes a weight; decompress: compressed bytes read
 //! plus f16 bytes written; copy: bytes read plus written). % copy compares with the copy kernel.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use half::f16;
@@ -53,6 +53,9 @@ struct Args {
     /// Size of the copy buffers in MiB.
     #[arg(long, default_value_t = 1024)]
     copy_mib: u64,
+    /// Milliseconds of warm-up with the same workload before each timed batch.
+    #[arg(long, default_value_t = 300)]
+    warm_ms: u64,
     /// RNG seed for the weights.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -101,15 +104,18 @@ struct Row {
     copies: usize,
     median_us: f64,
     min_us: f64,
+    p10_us: f64,
+    p90_us: f64,
     bytes: u64,
     gbps: f64,
     pct_copy: Option<f64>,
 }
 
-/// Median and minimum of `t`.
-fn stats(t: &mut [f64]) -> (f64, f64) {
+/// Median, minimum, 10th and 90th percentiles of `t`.
+fn stats(t: &mut [f64]) -> (f64, f64, f64, f64) {
     t.sort_by(f64::total_cmp);
-    (t[t.len() / 2], t[0])
+    let q = |f: f64| t[((t.len() - 1) as f64 * f) as usize];
+    (q(0.5), t[0], q(0.1), q(0.9))
 }
 
 /// Times `runs` dispatches recorded by `record(pass, i)`, each in its own pass: GPU timestamps when the
@@ -209,10 +215,15 @@ impl Bench<'_> {
         copies: usize,
         mut record: impl FnMut(&mut wgpu::ComputePass<'_>, usize) -> upg::gpu::Result<()>,
     ) -> upg::gpu::Result<()> {
-        // Warm-up: pipelines are built, clocks ramp up.
-        time_runs(gpu, 10.min(self.args.runs), &mut record)?;
+        // Warm-up by time, right before the timed batch: an idle GPU drops its SM clock, and the host
+        // spends seconds uploading weights between measurements. With a 10-run warm-up, batches on an
+        // H100 ran at whatever clock the GPU was in: identical kernels differed up to 4x.
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(self.args.warm_ms) {
+            time_runs(gpu, 20, &mut record)?;
+        }
         let (mut t, timing) = time_runs(gpu, self.args.runs, &mut record)?;
-        let (median, min) = stats(&mut t);
+        let (median, min, p10, p90) = stats(&mut t);
         let gbps = bytes as f64 / median / 1e3;
         let pct_copy = self
             .copy_gbps
@@ -234,6 +245,8 @@ impl Bench<'_> {
             copies,
             median_us: median,
             min_us: min,
+            p10_us: p10,
+            p90_us: p90,
             bytes,
             gbps,
             pct_copy,
@@ -424,7 +437,7 @@ fn bench_cpu(args: &Args, ops: &[&str], shapes: &[(usize, usize)]) -> Vec<Row> {
                     start.elapsed().as_secs_f64() * 1e6
                 })
                 .collect();
-            let (median, min) = stats(&mut t);
+            let (median, min, p10, p90) = stats(&mut t);
             let gbps = bytes as f64 / median / 1e3;
             eprintln!("cpu {op:<11} {rows:>6} x {cols:<6} {median:>10.1} us {gbps:>8.2} GB/s");
             out.push(Row {
@@ -439,6 +452,8 @@ fn bench_cpu(args: &Args, ops: &[&str], shapes: &[(usize, usize)]) -> Vec<Row> {
                 copies: 1,
                 median_us: median,
                 min_us: min,
+                p10_us: p10,
+                p90_us: p90,
                 bytes,
                 gbps,
                 pct_copy: None,

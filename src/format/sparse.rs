@@ -303,3 +303,40 @@ fn encode_row(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_matrices_are_in_encoder_form() {
+        let mut rng = Rng::new(crate::rng::test_seed("random_matrices_are_in_encoder_form"));
+        for (rows, cols, group) in [(3, 20, 64), (5, 100, 128), (2, 5120, 128), (4, 130, 192)] {
+            let m = SparseMatrix::random(rows, cols, group, &mut rng).unwrap();
+            m.validate().unwrap();
+            let nb = m.blocks_per_row();
+            for r in 0..rows {
+                for b in 0..nb {
+                    let real = (cols - b * BLOCK).min(BLOCK);
+                    let mask = m.masks[r * nb + b];
+                    assert_eq!(
+                        mask.count_ones() as usize,
+                        real.min(KEEP),
+                        "row {r} block {b}"
+                    );
+                    let codes = &m.codes[(r * nb + b) * BLOCK_CODE_BYTES..][..BLOCK_CODE_BYTES];
+                    // Nibbles past the kept count stay zero, as the encoder leaves them.
+                    for k in real.min(KEEP)..KEEP {
+                        assert_eq!(nibble(codes, k), 0);
+                    }
+                }
+            }
+            assert!(m.scales.iter().all(|s| s.to_f32() > 0.0));
+        }
+        // Same seed, same matrix, whatever the thread count.
+        let a = SparseMatrix::random(7, 300, 128, &mut Rng::new(9)).unwrap();
+        let b = SparseMatrix::random(7, 300, 128, &mut Rng::new(9)).unwrap();
+        assert_eq!(&a.masks[..], &b.masks[..]);
+        assert_eq!(&a.codes[..], &b.codes[..]);
+    }
+}

@@ -25,7 +25,6 @@ mod transformer;
 pub use buffers::GpuVector;
 pub use context::{AdapterSummary, Features, Gpu, GpuOptions, LimitOverrides, Limits};
 pub use error::{GpuError, Result};
-pub use kernels::x_capacity;
 pub use matrix::{DenseKind, GpuMatrix};
 pub use transformer::AttentionDims;
 
