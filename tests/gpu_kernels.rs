@@ -15,28 +15,8 @@ use half::f16;
 use upg::backend::Backend;
 use upg::cpu::reference;
 use upg::format::{Dense, DenseF16, DenseF32, Q4Matrix, SparseMatrix, Tensor};
-use upg::gpu::{DenseKind, Gpu, GpuError, GpuOptions, GpuVector, LimitOverrides};
+use upg::gpu::{gpu_or_skip, DenseKind, Gpu, GpuError, GpuOptions, GpuVector, LimitOverrides};
 use upg::rng::{test_seed, Rng};
-
-/// The adapter for a test, or None after printing why it is skipped (a failure under UPG_REQUIRE_GPU=1).
-fn gpu_or_skip(opts: GpuOptions) -> Option<Gpu> {
-    let reason = match GpuOptions::from_env().and_then(|env| {
-        Gpu::new(&GpuOptions {
-            backends: env.backends,
-            adapter: env.adapter,
-            ..opts
-        })
-    }) {
-        Ok(gpu) => return Some(gpu),
-        Err(GpuError::NoAdapter(r)) => r,
-        Err(e) => panic!("the GPU adapter failed to open: {e}"),
-    };
-    if std::env::var("UPG_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-        panic!("UPG_REQUIRE_GPU=1 but there is no GPU adapter ({reason})");
-    }
-    println!("skipped: no GPU adapter ({reason})");
-    None
-}
 
 /// One context per variant the adapter offers: (f16, subgroups) in all four combinations.
 fn variants(limits: LimitOverrides) -> Vec<Gpu> {
