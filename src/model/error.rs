@@ -85,6 +85,9 @@ pub enum ModelError {
 
     #[error(transparent)]
     Gpu(#[from] crate::gpu::GpuError),
+
+    #[error(transparent)]
+    Format(#[from] crate::format::FormatError),
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

@@ -3,6 +3,7 @@
 //!
 //! - [`config`]: config.json as published and as transformers 5 writes it.
 //! - [`checkpoint`]: a Hugging Face folder of safetensors, memory-mapped.
+//! - [`convert`]: a model folder to one .upg file and back.
 //! - [`weights`]: the model's tensors in per-tensor codecs ([`CodecPlan`]); [`synthetic`] random ones.
 //! - [`backend`]: the [`Backend`] trait the forward pass runs on; [`cpu_backend`] and [`gpu_backend`]
 //!   implement it.
@@ -12,6 +13,7 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod config;
+pub mod convert;
 pub mod cpu_backend;
 pub mod error;
 pub mod gpu_backend;
@@ -31,5 +33,5 @@ pub use gpu_backend::GpuBackend;
 pub use phi3::{Generation, Phi3};
 pub use sampler::{Sampler, SamplerConfig};
 pub use synthetic::synthetic;
-pub use tokenizer::{Message, TextTokenizer};
-pub use weights::{CodecPlan, HostWeights, Weights};
+pub use tokenizer::{Message, TextTokenizer, TokenizerFiles};
+pub use weights::{CodecPlan, HostWeights, Role, Weights};

@@ -104,76 +104,102 @@ impl<M, V> Weights<M, V> {
     }
 }
 
-impl HostWeights {
-    /// Reads and encodes every tensor of a checkpoint; f32 tensors under [`Codec::F32`] stay in the map.
-    pub fn from_checkpoint(ckpt: &Checkpoint, plan: &CodecPlan) -> Result<Self> {
-        let c = &ckpt.config;
+/// What a matrix is for: decides its codec in a [`CodecPlan`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// qkv_proj, o_proj, gate_up_proj, down_proj.
+    Linear,
+    Embed,
+    LmHead,
+}
+
+impl CodecPlan {
+    pub fn codec(&self, role: Role) -> Codec {
+        match role {
+            Role::Linear => self.linear,
+            Role::Embed => self.embed,
+            Role::LmHead => self.lm_head,
+        }
+    }
+}
+
+/// A matrix of the model as the builder asks for it: Hugging Face name, shape [rows, cols], role.
+#[derive(Clone, Copy, Debug)]
+pub struct MatrixName<'a> {
+    pub name: &'a str,
+    pub rows: usize,
+    pub cols: usize,
+    pub role: Role,
+}
+
+impl<M, V> Weights<M, V> {
+    /// Builds every tensor of a model of `config` in order, asking `matrix` for each weight matrix and
+    /// `vector` for each norm weight (by Hugging Face name and length). The one place that knows the
+    /// tensor names of Phi3ForCausalLM: loading a checkpoint, converting it and loading a .upg file all
+    /// go through here.
+    pub fn build<E>(
+        c: &Config,
+        mut matrix: impl FnMut(MatrixName) -> std::result::Result<M, E>,
+        mut vector: impl FnMut(&str, usize) -> std::result::Result<V, E>,
+    ) -> std::result::Result<Self, E> {
         let (h, i) = (c.hidden_size, c.intermediate_size);
-        let matrix = |name: &str, rows: usize, cols: usize, codec: Codec| -> Result<Tensor> {
-            if codec == Codec::F32 {
-                // Zero copy when the checkpoint already holds aligned f32.
-                if let (Ok(_), Some(values)) =
-                    (ckpt.matrix(name, rows, cols), ckpt.mapped_f32(name))
-                {
-                    let t = DenseF32 { rows, cols, values };
-                    if let Some(at) = t.values.iter().position(|v| !v.is_finite()) {
-                        return Err(ModelError::Encode {
-                            tensor: name.into(),
-                            source: crate::format::FormatError::NonFinite {
-                                row: at / cols,
-                                col: at % cols,
-                                value: t.values[at],
-                            },
-                        });
-                    }
-                    return Ok(Tensor::F32(t));
-                }
-            }
-            let view = ckpt.matrix(name, rows, cols)?;
-            encode(&view.dense(), codec, plan).map_err(|source| ModelError::Encode {
-                tensor: name.into(),
-                source,
+        let mut m = |name: &str, rows, cols, role| {
+            matrix(MatrixName {
+                name,
+                rows,
+                cols,
+                role,
             })
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}.");
             layers.push(LayerWeights {
-                attn_norm: ckpt.vector(&format!("{p}input_layernorm.weight"), h)?,
-                qkv: matrix(
+                attn_norm: vector(&format!("{p}input_layernorm.weight"), h)?,
+                qkv: m(
                     &format!("{p}self_attn.qkv_proj.weight"),
                     c.qkv_dim(),
                     h,
-                    plan.linear,
+                    Role::Linear,
                 )?,
-                o: matrix(
+                o: m(
                     &format!("{p}self_attn.o_proj.weight"),
                     h,
                     c.q_dim(),
-                    plan.linear,
+                    Role::Linear,
                 )?,
-                mlp_norm: ckpt.vector(&format!("{p}post_attention_layernorm.weight"), h)?,
-                gate_up: matrix(
+                mlp_norm: vector(&format!("{p}post_attention_layernorm.weight"), h)?,
+                gate_up: m(
                     &format!("{p}mlp.gate_up_proj.weight"),
                     2 * i,
                     h,
-                    plan.linear,
+                    Role::Linear,
                 )?,
-                down: matrix(&format!("{p}mlp.down_proj.weight"), h, i, plan.linear)?,
+                down: m(&format!("{p}mlp.down_proj.weight"), h, i, Role::Linear)?,
             });
         }
-        let embed = matrix("model.embed_tokens.weight", c.vocab_size, h, plan.embed)?;
-        let lm_head = if c.tie_word_embeddings {
-            None
-        } else {
-            Some(matrix("lm_head.weight", c.vocab_size, h, plan.lm_head)?)
+        let embed = m("model.embed_tokens.weight", c.vocab_size, h, Role::Embed)?;
+        let lm_head = match c.tie_word_embeddings {
+            true => None,
+            false => Some(m("lm_head.weight", c.vocab_size, h, Role::LmHead)?),
         };
         Ok(Self {
             embed,
             layers,
-            final_norm: ckpt.vector("model.norm.weight", h)?,
+            final_norm: vector("model.norm.weight", h)?,
             lm_head,
         })
+    }
+}
+
+impl HostWeights {
+    /// Reads and encodes every tensor of a checkpoint; f32 tensors under [`Codec::F32`] stay in the map.
+    pub fn from_checkpoint(ckpt: &Checkpoint, plan: &CodecPlan) -> Result<Self> {
+        Self::build(
+            &ckpt.config,
+            |m| encode_from_checkpoint(ckpt, m, plan),
+            |name, len| ckpt.vector(name, len),
+        )
     }
 
     /// Bytes of all stored tensors and norm vectors.
@@ -248,6 +274,37 @@ impl HostWeights {
         }
         Ok(())
     }
+}
+
+/// Reads matrix `m` of a checkpoint and encodes it with the codec `plan` gives its role.
+pub fn encode_from_checkpoint(
+    ckpt: &Checkpoint,
+    m: MatrixName,
+    plan: &CodecPlan,
+) -> Result<Tensor> {
+    let (name, rows, cols, codec) = (m.name, m.rows, m.cols, plan.codec(m.role));
+    if codec == Codec::F32 {
+        // Zero copy when the checkpoint already holds aligned f32.
+        if let (Ok(_), Some(values)) = (ckpt.matrix(name, rows, cols), ckpt.mapped_f32(name)) {
+            let t = DenseF32 { rows, cols, values };
+            if let Some(at) = t.values.iter().position(|v| !v.is_finite()) {
+                return Err(ModelError::Encode {
+                    tensor: name.into(),
+                    source: crate::format::FormatError::NonFinite {
+                        row: at / cols,
+                        col: at % cols,
+                        value: t.values[at],
+                    },
+                });
+            }
+            return Ok(Tensor::F32(t));
+        }
+    }
+    let view = ckpt.matrix(name, rows, cols)?;
+    encode(&view.dense(), codec, plan).map_err(|source| ModelError::Encode {
+        tensor: name.into(),
+        source,
+    })
 }
 
 /// Encodes dense weights with `codec`.
