@@ -14,14 +14,18 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
+use upg::gpu::{Gpu, GpuError, GpuOptions};
 use upg::model::{
-    synthetic, Checkpoint, CodecPlan, Config, Cpu, HostWeights, Message, Phi3, Sampler,
-    SamplerConfig, TextTokenizer,
+    synthetic, Backend, Checkpoint, CodecPlan, Config, Cpu, GpuBackend, HostWeights, Message, Phi3,
+    Sampler, SamplerConfig, TextTokenizer,
 };
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum BackendKind {
+    /// A hardware GPU when there is one (UPG_BACKEND / UPG_ADAPTER narrow the choice), else the CPU.
+    Auto,
     Cpu,
+    /// Any GPU adapter, a software one (lavapipe) included.
     Gpu,
 }
 
@@ -67,7 +71,7 @@ struct Args {
     repeat_penalty: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    #[arg(long, value_enum, default_value = "cpu")]
+    #[arg(long, value_enum, default_value = "auto")]
     backend: BackendKind,
     /// KV cache positions; default: prompt + max tokens.
     #[arg(long)]
@@ -90,12 +94,6 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    if let BackendKind::Gpu = args.backend {
-        return Err(
-            "the GPU backend is not in this build yet (it comes with the wgpu kernels); use --backend cpu"
-                .into(),
-        );
-    }
     let plan = match args.codecs {
         Codecs::Compressed => CodecPlan::compressed(),
         Codecs::Exact => CodecPlan::exact(),
@@ -166,16 +164,75 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         repeat_penalty: args.repeat_penalty,
         seed: args.seed,
     })?;
-    let mut model = Phi3::new(config, weights, Cpu::new(), ctx)?;
-    eprintln!(
-        "backend: {}, context {ctx}",
-        upg::model::Backend::name(model.backend())
-    );
+    let kv_f16 = !matches!(args.codecs, Codecs::Exact);
+    match pick_gpu(args.backend)? {
+        Some(gpu) => {
+            let backend = GpuBackend::new(gpu, kv_f16)?;
+            let model = Phi3::new(config, weights, backend, ctx)?;
+            decode(
+                model,
+                &args,
+                &prompt,
+                &mut sampler,
+                &stop,
+                tokenizer.as_ref(),
+            )
+        }
+        None => {
+            let model = Phi3::new(config, weights, Cpu::new(), ctx)?;
+            decode(
+                model,
+                &args,
+                &prompt,
+                &mut sampler,
+                &stop,
+                tokenizer.as_ref(),
+            )
+        }
+    }
+}
 
-    let mut stream = tokenizer.as_ref().map(|t| t.stream(true));
+/// The GPU to run on, or `None` for the CPU path.
+fn pick_gpu(kind: BackendKind) -> Result<Option<Gpu>, Box<dyn std::error::Error>> {
+    if let BackendKind::Cpu = kind {
+        return Ok(None);
+    }
+    match Gpu::new(&GpuOptions::from_env()?) {
+        Ok(gpu) => {
+            let software = gpu.info().device_type == wgpu::DeviceType::Cpu;
+            if software && matches!(kind, BackendKind::Auto) {
+                eprintln!(
+                    "only a software GPU ({}) is available: using the CPU kernels (--backend gpu forces it)",
+                    gpu.describe()
+                );
+                return Ok(None);
+            }
+            Ok(Some(gpu))
+        }
+        Err(GpuError::NoAdapter(reason)) if matches!(kind, BackendKind::Auto) => {
+            eprintln!("no GPU adapter ({reason}): using the CPU kernels");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Feeds the prompt, streams the generated text, and reports speed.
+fn decode<B: Backend>(
+    mut model: Phi3<B>,
+    args: &Args,
+    prompt: &[u32],
+    sampler: &mut Sampler,
+    stop: &[u32],
+    tokenizer: Option<&TextTokenizer>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let ctx = model.ctx();
+    eprintln!("backend: {}, context {ctx}", model.backend().name());
+
+    let mut stream = tokenizer.map(|t| t.stream(true));
     let mut stdout = std::io::stdout();
     let mut failed = None;
-    let out = model.generate(&prompt, args.max_tokens, &mut sampler, &stop, |id| {
+    let out = model.generate(prompt, args.max_tokens, sampler, stop, |id| {
         let piece = match stream.as_mut() {
             Some(s) => match s.step(id) {
                 Ok(p) => p.unwrap_or_default(),

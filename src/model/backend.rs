@@ -89,6 +89,17 @@ pub trait Backend {
     /// A buffer of `len` values whose contents are undefined until an op writes them.
     fn scratch(&mut self, len: usize) -> Result<Self::Buffer>;
 
+    /// One layer's K or V cache: `ctx` rows of `kv_dim` values, in whatever precision the backend
+    /// keeps its cache (f32 by default).
+    fn kv_cache(&mut self, ctx: usize, kv_dim: usize) -> Result<Self::Buffer> {
+        self.scratch(ctx * kv_dim)
+    }
+
+    /// The most positions one pass may take (activation buffers are sized for it).
+    fn max_batch(&self) -> usize {
+        usize::MAX
+    }
+
     /// out[t] = row `tokens[t]` of `table` [vocab, width]. Token ids are < vocab (checked by the model).
     fn embed(&mut self, table: &Self::Matrix, tokens: &[u32], out: &mut Self::Buffer);
 

@@ -82,6 +82,9 @@ pub enum ModelError {
 
     #[error("backend: {0}")]
     Backend(String),
+
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu::GpuError),
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

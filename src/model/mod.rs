@@ -4,7 +4,8 @@
 //! - [`config`]: config.json as published and as transformers 5 writes it.
 //! - [`checkpoint`]: a Hugging Face folder of safetensors, memory-mapped.
 //! - [`weights`]: the model's tensors in per-tensor codecs ([`CodecPlan`]); [`synthetic`] random ones.
-//! - [`backend`]: the [`Backend`] trait the forward pass runs on; [`cpu_backend`] implements it.
+//! - [`backend`]: the [`Backend`] trait the forward pass runs on; [`cpu_backend`] and [`gpu_backend`]
+//!   implement it.
 //! - [`rope`]: RoPE / LongRoPE tables. [`phi3`]: the model, its KV cache and generation loop.
 //! - [`sampler`], [`tokenizer`]: choosing tokens, text and chat templates.
 
@@ -13,6 +14,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod cpu_backend;
 pub mod error;
+pub mod gpu_backend;
 pub mod phi3;
 pub mod rope;
 pub mod sampler;
@@ -25,6 +27,7 @@ pub use checkpoint::Checkpoint;
 pub use config::{Config, LongRope};
 pub use cpu_backend::Cpu;
 pub use error::{ModelError, Result};
+pub use gpu_backend::GpuBackend;
 pub use phi3::{Generation, Phi3};
 pub use sampler::{Sampler, SamplerConfig};
 pub use synthetic::synthetic;

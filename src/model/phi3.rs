@@ -120,10 +120,10 @@ impl<B: Backend> Phi3<B> {
         let mut k = Vec::with_capacity(c.num_hidden_layers);
         let mut v = Vec::with_capacity(c.num_hidden_layers);
         for _ in 0..c.num_hidden_layers {
-            k.push(backend.scratch(ctx * c.kv_dim())?);
-            v.push(backend.scratch(ctx * c.kv_dim())?);
+            k.push(backend.kv_cache(ctx, c.kv_dim())?);
+            v.push(backend.kv_cache(ctx, c.kv_dim())?);
         }
-        let rows = ctx.min(batch);
+        let rows = ctx.min(batch).min(backend.max_batch());
         let act = Activations {
             rows,
             x: backend.scratch(rows * c.hidden_size)?,

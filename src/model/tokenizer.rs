@@ -84,21 +84,40 @@ struct GenerationConfig {
     eos_token_id: Option<TokenIds>,
 }
 
-fn read_json<T: for<'de> Deserialize<'de> + Default>(path: &Path) -> Result<T> {
-    if !path.exists() {
+/// Parses an optional JSON file's text; a missing file is the default.
+fn parse_json<T: for<'de> Deserialize<'de> + Default>(
+    text: Option<&str>,
+    path: &Path,
+) -> Result<T> {
+    let Some(text) = text else {
         return Ok(T::default());
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| ModelError::Tokenizer {
+    };
+    serde_json::from_str(text).map_err(|e| ModelError::Tokenizer {
         path: path.to_owned(),
         reason: format!("not valid JSON of the expected form: {e}"),
     })
 }
 
-impl TextTokenizer {
-    /// Reads tokenizer.json, tokenizer_config.json, chat_template.jinja and generation_config.json from
-    /// `dir` (only tokenizer.json is required); stop tokens come from `config`'s eos ids too.
-    pub fn from_dir(dir: &Path, config: &Config) -> Result<Self> {
+/// The files a tokenizer is made of, as read from a model folder or stored in a .upg file. Only
+/// tokenizer.json is required.
+#[derive(Clone, Debug, Default)]
+pub struct TokenizerFiles {
+    pub tokenizer: Vec<u8>,
+    pub tokenizer_config: Option<String>,
+    pub chat_template: Option<String>,
+    pub generation_config: Option<String>,
+}
+
+impl TokenizerFiles {
+    /// File names in a Hugging Face folder, in the order of the fields.
+    pub const NAMES: [&'static str; 4] = [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ];
+
+    pub fn read_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.exists() {
             return Err(ModelError::Tokenizer {
@@ -106,22 +125,66 @@ impl TextTokenizer {
                 reason: "missing: the model folder needs its tokenizer.json".into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::Tokenizer {
-            path: path.clone(),
-            reason: format!("cannot be read: {e}"),
+        let optional = |name: &str| -> Result<Option<String>> {
+            let p = dir.join(name);
+            if !p.exists() {
+                return Ok(None);
+            }
+            std::fs::read_to_string(&p)
+                .map(Some)
+                .map_err(|e| ModelError::io(&p, e))
+        };
+        Ok(Self {
+            tokenizer: std::fs::read(&path).map_err(|e| ModelError::io(&path, e))?,
+            tokenizer_config: optional(Self::NAMES[1])?,
+            chat_template: optional(Self::NAMES[2])?,
+            generation_config: optional(Self::NAMES[3])?,
+        })
+    }
+
+    /// (name, contents) of the files present.
+    pub fn entries(&self) -> Vec<(&'static str, &[u8])> {
+        let mut out = vec![(Self::NAMES[0], self.tokenizer.as_slice())];
+        for (name, text) in Self::NAMES[1..].iter().zip([
+            &self.tokenizer_config,
+            &self.chat_template,
+            &self.generation_config,
+        ]) {
+            if let Some(t) = text {
+                out.push((name, t.as_bytes()));
+            }
+        }
+        out
+    }
+}
+
+impl TextTokenizer {
+    /// Reads tokenizer.json, tokenizer_config.json, chat_template.jinja and generation_config.json from
+    /// `dir` (only tokenizer.json is required); stop tokens come from `config`'s eos ids too.
+    pub fn from_dir(dir: &Path, config: &Config) -> Result<Self> {
+        Self::from_files(&TokenizerFiles::read_dir(dir)?, dir, config)
+    }
+
+    /// A tokenizer from its files; `origin` (a folder or a .upg file) names them in errors.
+    pub fn from_files(files: &TokenizerFiles, origin: &Path, config: &Config) -> Result<Self> {
+        let path = origin.join("tokenizer.json");
+        let inner = tokenizers::Tokenizer::from_bytes(&files.tokenizer).map_err(|e| {
+            ModelError::Tokenizer {
+                path: path.clone(),
+                reason: format!("cannot be read: {e}"),
+            }
         })?;
-        let tc: TokenizerConfig = read_json(&dir.join("tokenizer_config.json"))?;
-        let jinja = dir.join("chat_template.jinja");
-        let template = if jinja.exists() {
-            Some(std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?)
-        } else {
-            match tc.chat_template {
-                None => None,
-                Some(Templates::One(t)) => Some(t),
-                Some(Templates::Named(list)) => {
-                    let pick = list.iter().position(|t| t.name == "default").unwrap_or(0);
-                    list.into_iter().nth(pick).map(|t| t.template)
-                }
+        let tc: TokenizerConfig = parse_json(
+            files.tokenizer_config.as_deref(),
+            &origin.join("tokenizer_config.json"),
+        )?;
+        let template = match (&files.chat_template, tc.chat_template) {
+            (Some(t), _) => Some(t.clone()),
+            (None, None) => None,
+            (None, Some(Templates::One(t))) => Some(t),
+            (None, Some(Templates::Named(list))) => {
+                let pick = list.iter().position(|t| t.name == "default").unwrap_or(0);
+                list.into_iter().nth(pick).map(|t| t.template)
             }
         };
         let special: Vec<(String, String)> = [
@@ -134,7 +197,10 @@ impl TextTokenizer {
         .filter_map(|(k, v)| v.map(|v| (k.to_string(), v.text())))
         .collect();
 
-        let gen: GenerationConfig = read_json(&dir.join("generation_config.json"))?;
+        let gen: GenerationConfig = parse_json(
+            files.generation_config.as_deref(),
+            &origin.join("generation_config.json"),
+        )?;
         let mut stop: BTreeSet<u32> = config.eos_token_ids.iter().copied().collect();
         stop.extend(gen.eos_token_id.map(TokenIds::into_vec).unwrap_or_default());
         let eos_text = special
