@@ -352,6 +352,34 @@ fn longrope_decode_across_the_switch_recomputes_the_cache() {
 }
 
 #[test]
+fn prompts_longer_than_a_batch_match_transformers() {
+    let r = reference(&fixture("phi3-tiny-longrope"));
+    let long = r["long_tokens"].ids();
+    let want = &r["long_logits"].values;
+    let ckpt = Checkpoint::open(&fixture("phi3-tiny-longrope")).unwrap();
+    let vocab = ckpt.config.vocab_size;
+    for batch in [1, 7, 40] {
+        let w = HostWeights::from_checkpoint(&ckpt, &CodecPlan::exact()).unwrap();
+        let mut model = Phi3::with_batch(ckpt.config.clone(), w, Cpu::new(), 64, batch).unwrap();
+        let got = model.forward_all(&long).unwrap();
+        let (err, pos) = worst_row_rel_error(&got, want, vocab);
+        assert!(err <= LOGIT_TOL, "batch {batch}: position {pos}: {err:.2e}");
+        // 28 short-factor positions, then 12 that cross the switch: the cache is recomputed in batches
+        // and only the 12 new positions' logits come back.
+        model.reset();
+        model.forward(&long[..28]).unwrap();
+        let got = model.forward_all(&long[28..]).unwrap();
+        let (err, pos) = worst_row_rel_error(&got, &want[28 * vocab..], vocab);
+        assert!(
+            err <= LOGIT_TOL,
+            "batch {batch}, across the switch: position {}: {err:.2e}",
+            28 + pos
+        );
+        assert_eq!(model.tokens(), &long[..]);
+    }
+}
+
+#[test]
 fn greedy_continuations_match_transformers() {
     let r = reference(&fixture("phi3-tiny"));
     let mut model = load("phi3-tiny", &CodecPlan::exact(), 32);

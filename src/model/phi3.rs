@@ -83,7 +83,21 @@ pub struct Generation {
 
 impl<B: Backend> Phi3<B> {
     /// A model with a KV cache of `ctx` positions (at most max_position_embeddings).
-    pub fn new(config: Config, weights: HostWeights, mut backend: B, ctx: usize) -> Result<Self> {
+    pub fn new(config: Config, weights: HostWeights, backend: B, ctx: usize) -> Result<Self> {
+        Self::with_batch(config, weights, backend, ctx, PREFILL_BATCH)
+    }
+
+    /// [`Self::new`] with prompts processed `batch` positions at a time.
+    pub fn with_batch(
+        config: Config,
+        weights: HostWeights,
+        mut backend: B,
+        ctx: usize,
+        batch: usize,
+    ) -> Result<Self> {
+        if batch == 0 {
+            return Err(ModelError::Config("prefill batch 0: use at least 1".into()));
+        }
         if ctx == 0 || ctx > config.max_position_embeddings {
             return Err(ModelError::Config(format!(
                 "context {ctx} must be in 1..={} (max_position_embeddings)",
@@ -109,7 +123,7 @@ impl<B: Backend> Phi3<B> {
             k.push(backend.kv_cache(ctx, c.kv_dim())?);
             v.push(backend.kv_cache(ctx, c.kv_dim())?);
         }
-        let rows = ctx.min(PREFILL_BATCH).min(backend.max_batch());
+        let rows = ctx.min(batch).min(backend.max_batch());
         let act = Activations {
             rows,
             x: backend.scratch(rows * c.hidden_size)?,
