@@ -40,8 +40,8 @@ enum Codecs {
 #[derive(Parser, Debug)]
 #[command(about = "Generate text with a Phi-3 family model (Phi-4, Phi-4-mini, Phi-3.5-mini)")]
 struct Args {
-    /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json). Default: the tiny test
-    /// model in tests/fixtures/phi3-tiny.
+    /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json) or a .upg file from
+    /// `convert`. Default: the tiny test model in tests/fixtures/phi3-tiny.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Random weights of a built-in shape instead of a checkpoint: phi-4, phi-4-mini or tiny.
@@ -114,16 +114,22 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let dir = args.model.clone().unwrap_or_else(|| {
                 Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/phi3-tiny")
             });
-            if dir.extension().is_some_and(|e| e == "upg") || dir.is_file() {
-                return Err(format!(
-                    "{}: .upg model files cannot be loaded yet (the model layout inside .upg and the converter are still to come); give a Hugging Face model folder",
-                    dir.display()
-                )
-                .into());
-            }
-            let ckpt = Checkpoint::open(&dir)?;
-            let tokenizer = TextTokenizer::from_dir(&dir, &ckpt.config)?;
-            let weights = HostWeights::from_checkpoint(&ckpt, &plan)?;
+            let (config, weights, tokenizer) = if dir.is_file() {
+                let m = upg::model::convert::load(&dir)?;
+                let files = m.tokenizer.ok_or_else(|| {
+                    format!(
+                        "{}: the file holds no tokenizer (its folder had no tokenizer.json)",
+                        dir.display()
+                    )
+                })?;
+                let tokenizer = TextTokenizer::from_files(&files, &dir, &m.config)?;
+                (m.config, m.weights, tokenizer)
+            } else {
+                let ckpt = Checkpoint::open(&dir)?;
+                let tokenizer = TextTokenizer::from_dir(&dir, &ckpt.config)?;
+                let weights = HostWeights::from_checkpoint(&ckpt, &plan)?;
+                (ckpt.config.clone(), weights, tokenizer)
+            };
             let prompt = if args.raw {
                 tokenizer.encode(&args.prompt, true)?
             } else {
@@ -136,7 +142,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 tokenizer.encode(&text, false)?
             };
             eprintln!("model: {}", dir.display());
-            (ckpt.config.clone(), weights, Some(tokenizer), prompt)
+            (config, weights, Some(tokenizer), prompt)
         }
     };
     eprintln!(

@@ -164,13 +164,13 @@ impl Gpu {
         start: usize,
         n: usize,
     ) -> Result<()> {
-        if dims.head_dim > MAX_HEAD_DIM || dims.head_dim % 2 != 0 {
+        if dims.head_dim > MAX_HEAD_DIM || !dims.head_dim.is_multiple_of(2) {
             return Err(GpuError::Shape(format!(
                 "attention.wgsl takes even head dimensions up to {MAX_HEAD_DIM}, not {}",
                 dims.head_dim
             )));
         }
-        if dims.kv_heads == 0 || dims.heads % dims.kv_heads != 0 {
+        if dims.kv_heads == 0 || !dims.heads.is_multiple_of(dims.kv_heads) {
             return Err(GpuError::Shape(format!(
                 "{} query heads cannot share {} kv heads",
                 dims.heads, dims.kv_heads
