@@ -5,7 +5,9 @@
 //! - [`cpu`]: the scalar reference kernels and the fast CPU kernels.
 //! - [`gpu`]: the wgpu context and one launcher per WGSL kernel.
 //! - [`model`]: the Phi-3 family driver.
+//! - [`backend`]: y = W x on the GPU when there is one, else on the CPU.
 
+pub mod backend;
 pub mod cpu;
 pub mod format;
 pub mod gpu;

@@ -24,6 +24,21 @@ pub enum FormatError {
         source: std::io::Error,
     },
 
+    #[error("{path}: could not {action}: {source}")]
+    Access {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path}: {count} planned tensors were never written ({names}); nothing was saved: write every tensor of the plan before finish()")]
+    Unwritten {
+        path: PathBuf,
+        count: usize,
+        names: String,
+    },
+
     #[error("{path}: not a readable .upg file: {reason}")]
     Header { path: PathBuf, reason: String },
 

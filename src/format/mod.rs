@@ -3,6 +3,7 @@
 
 pub mod dense;
 pub mod error;
+pub mod file;
 pub mod plane;
 pub mod quant;
 pub mod sparse;
@@ -11,6 +12,7 @@ use half::{bf16, f16};
 
 pub use dense::{DenseF16, DenseF32, Q4Matrix};
 pub use error::{FormatError, Result};
+pub use file::{MatrixSpec, Plan, UpgFile, UpgWriter};
 pub use plane::Plane;
 pub use quant::Grid;
 pub use sparse::SparseMatrix;

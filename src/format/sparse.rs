@@ -22,6 +22,7 @@ use super::error::{FormatError, Result};
 use super::plane::Plane;
 use super::quant::Grid;
 use super::Dense;
+use crate::rng::Rng;
 
 /// Input columns per block.
 pub const BLOCK: usize = 64;
@@ -57,7 +58,7 @@ pub fn groups_per_row(cols: usize, group: usize) -> usize {
 
 /// Checks that `group` is a positive multiple of the block width.
 pub fn check_group(group: usize) -> Result<()> {
-    if group == 0 || group % BLOCK != 0 {
+    if group == 0 || !group.is_multiple_of(BLOCK) {
         return Err(FormatError::Parameter(format!(
             "sparse scale group {group} must be a positive multiple of {BLOCK} columns (try 128)"
         )));
@@ -108,6 +109,54 @@ impl SparseMatrix {
         Ok(Self {
             rows: w.rows,
             cols: w.cols,
+            group,
+            masks: masks.into(),
+            codes: codes.into(),
+            scales: scales.into(),
+        })
+    }
+
+    /// A random matrix in the form the encoder writes: every block keeps `min(32, real columns)`
+    /// weights at random columns, random codes, scales near 0.02 / 15 (weights of a typical LLM
+    /// layer). For benchmarks and synthetic models, where encoding dense weights would be slow.
+    pub fn random(rows: usize, cols: usize, group: usize, rng: &mut Rng) -> Result<Self> {
+        check_group(group)?;
+        let (nb, ng) = (blocks_per_row(cols), groups_per_row(cols, group));
+        let mut masks = vec![0u64; rows * nb];
+        let mut codes = vec![0u8; rows * nb * BLOCK_CODE_BYTES];
+        let mut scales = vec![f16::ZERO; rows * ng];
+        // One seed per row from `rng`, so the result does not depend on the thread count.
+        let seeds: Vec<u64> = (0..rows).map(|_| rng.next_u64()).collect();
+        if cols > 0 {
+            masks
+                .par_chunks_mut(nb)
+                .zip(codes.par_chunks_mut(nb * BLOCK_CODE_BYTES))
+                .zip(scales.par_chunks_mut(ng))
+                .zip(seeds.par_iter())
+                .for_each(|(((m, c), s), &seed)| {
+                    let mut rng = Rng::new(seed);
+                    for (b, mask) in m.iter_mut().enumerate() {
+                        let n = (cols - b * BLOCK).min(BLOCK);
+                        let keep = n.min(KEEP);
+                        // Floyd's sampling of `keep` distinct columns out of `n`.
+                        for j in n - keep..n {
+                            let t = rng.below(j + 1);
+                            *mask |= if *mask >> t & 1 == 1 { 1 << j } else { 1 << t };
+                        }
+                        let bits = [rng.next_u64(), rng.next_u64()];
+                        for k in 0..keep {
+                            c[b * BLOCK_CODE_BYTES + k / 2] |=
+                                ((bits[k / 16] >> (4 * (k % 16))) as u8 & 0xF) << (4 * (k % 2));
+                        }
+                    }
+                    for v in s.iter_mut() {
+                        *v = f16::from_f32(rng.range(0.5, 1.5) * 0.02 / 15.0);
+                    }
+                });
+        }
+        Ok(Self {
+            rows,
+            cols,
             group,
             masks: masks.into(),
             codes: codes.into(),
@@ -252,5 +301,42 @@ fn encode_row(
                 block_codes[k / 2] |= code << ((k & 1) * 4);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_matrices_are_in_encoder_form() {
+        let mut rng = Rng::new(crate::rng::test_seed("random_matrices_are_in_encoder_form"));
+        for (rows, cols, group) in [(3, 20, 64), (5, 100, 128), (2, 5120, 128), (4, 130, 192)] {
+            let m = SparseMatrix::random(rows, cols, group, &mut rng).unwrap();
+            m.validate().unwrap();
+            let nb = m.blocks_per_row();
+            for r in 0..rows {
+                for b in 0..nb {
+                    let real = (cols - b * BLOCK).min(BLOCK);
+                    let mask = m.masks[r * nb + b];
+                    assert_eq!(
+                        mask.count_ones() as usize,
+                        real.min(KEEP),
+                        "row {r} block {b}"
+                    );
+                    let codes = &m.codes[(r * nb + b) * BLOCK_CODE_BYTES..][..BLOCK_CODE_BYTES];
+                    // Nibbles past the kept count stay zero, as the encoder leaves them.
+                    for k in real.min(KEEP)..KEEP {
+                        assert_eq!(nibble(codes, k), 0);
+                    }
+                }
+            }
+            assert!(m.scales.iter().all(|s| s.to_f32() > 0.0));
+        }
+        // Same seed, same matrix, whatever the thread count.
+        let a = SparseMatrix::random(7, 300, 128, &mut Rng::new(9)).unwrap();
+        let b = SparseMatrix::random(7, 300, 128, &mut Rng::new(9)).unwrap();
+        assert_eq!(&a.masks[..], &b.masks[..]);
+        assert_eq!(&a.codes[..], &b.codes[..]);
     }
 }

@@ -1,2 +1,37 @@
-//! The Phi-3 family (Phi-4, Phi-4-mini, Phi-3/3.5-mini): config, checkpoint loading, conversion, the
-//! forward pass, KV cache, sampler and tokenizer glue.
+//! The Phi-3 family (Phi-4, Phi-4-mini, Phi-3/3.5-mini): config, checkpoint loading, the forward pass on
+//! a compute backend, KV cache, sampler and tokenizer glue.
+//!
+//! - [`config`]: config.json as published and as transformers 5 writes it.
+//! - [`checkpoint`]: a Hugging Face folder of safetensors, memory-mapped.
+//! - [`convert`]: a model folder to one .upg file and back.
+//! - [`weights`]: the model's tensors in per-tensor codecs ([`CodecPlan`]); [`synthetic`] random ones.
+//! - [`backend`]: the [`Backend`] trait the forward pass runs on; [`cpu_backend`] and [`gpu_backend`]
+//!   implement it.
+//! - [`rope`]: RoPE / LongRoPE tables. [`phi3`]: the model, its KV cache and generation loop.
+//! - [`sampler`], [`tokenizer`]: choosing tokens, text and chat templates.
+
+pub mod backend;
+pub mod checkpoint;
+pub mod config;
+pub mod convert;
+pub mod cpu_backend;
+pub mod error;
+pub mod gpu_backend;
+pub mod phi3;
+pub mod rope;
+pub mod sampler;
+pub mod synthetic;
+pub mod tokenizer;
+pub mod weights;
+
+pub use backend::{AttentionShape, Backend};
+pub use checkpoint::Checkpoint;
+pub use config::{Config, LongRope};
+pub use cpu_backend::Cpu;
+pub use error::{ModelError, Result};
+pub use gpu_backend::GpuBackend;
+pub use phi3::{Generation, Phi3};
+pub use sampler::{Sampler, SamplerConfig};
+pub use synthetic::synthetic;
+pub use tokenizer::{Message, TextTokenizer, TokenizerFiles};
+pub use weights::{CodecPlan, HostWeights, Role, Weights};

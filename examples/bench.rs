@@ -1,0 +1,540 @@
+//! The cross-GPU bench: every adapter wgpu finds (plus the CPU path), and for the chosen one(s) the
+//! achievable copy bandwidth and the matrix kernels at LLM shapes.
+//!
+//! ```sh
+//! cargo run --release --example bench -- --list
+//! cargo run --release --example bench -- --ops copy,spmv,gemv_f16,decompress --shapes square,phi4 --json out.json
+//! ```
+//!
+//! Times are GPU timestamps around each dispatch (its own compute pass) where the adapter has
+//! timestamp queries, wall clock over a batch otherwise (the `timing` column says which); the figure is
+//! the median of `--runs`. Weight copies are rotated so that each run reads weights that are not in
+//! the cache (at least 256 MB of them, at most 256 copies). GB/s counts the codec's stored bytes (spmv:
+//! the file's 25 bytes per 64 weights; gemv_f16: 2 bytes a weight; decompress: compressed bytes read
+//! plus f16 bytes written; copy: bytes read plus written). % copy compares with the copy kernel.
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use half::f16;
+use rayon::prelude::*;
+use upg::format::{DenseF16, SparseMatrix, Tensor};
+use upg::gpu::{DenseKind, Gpu, GpuMatrix, GpuOptions, GpuVector};
+use upg::rng::Rng;
+
+#[derive(Parser, Debug)]
+#[command(about = "Bench the upg kernels on every GPU adapter (and the CPU path)")]
+struct Args {
+    /// List the adapters and exit.
+    #[arg(long)]
+    list: bool,
+    /// Adapter name substring, `all` for every adapter, or `cpu` for the CPU path.
+    #[arg(long)]
+    adapter: Option<String>,
+    /// Comma-separated: copy, spmv, gemv_f16, decompress.
+    #[arg(long, default_value = "copy,spmv,gemv_f16,decompress")]
+    ops: String,
+    /// Comma-separated shapes: N (N x N), RxC (rows x cols), `square` (512..5120), `phi4`.
+    #[arg(long, default_value = "square,phi4")]
+    shapes: String,
+    /// Timed runs per measurement (median reported), after warm-up runs.
+    #[arg(long, default_value_t = 100)]
+    runs: usize,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Turn off wgpu's shader bounds checks and loop bounding.
+    #[arg(long)]
+    unchecked: bool,
+    /// spmv configurations to compare, `;`-separated, each a `,`-separated list of NAME=VALUE
+    /// override constants of spmv.wgsl (e.g. "SLICES=4;SLICES=8,CODES=1"); empty = the launcher's.
+    #[arg(long)]
+    spmv_set: Option<String>,
+    /// Size of the copy buffers in MiB.
+    #[arg(long, default_value_t = 1024)]
+    copy_mib: u64,
+    /// Milliseconds of warm-up with the same workload before each timed batch.
+    #[arg(long, default_value_t = 300)]
+    warm_ms: u64,
+    /// RNG seed for the weights.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+const PHI4: &[(usize, usize)] = &[
+    (7680, 5120),
+    (5120, 5120),
+    (35840, 5120),
+    (5120, 17920),
+    (100352, 5120),
+];
+const SQUARE: &[usize] = &[512, 1024, 2048, 5120];
+/// Weight bytes each measurement rotates through, so that the 50 MB L2 of an H100 serves none.
+const ROTATE_BYTES: usize = 256 << 20;
+
+fn parse_shapes(s: &str) -> Result<Vec<(usize, usize)>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part {
+            "square" => out.extend(SQUARE.iter().map(|&n| (n, n))),
+            "phi4" => out.extend_from_slice(PHI4),
+            _ => {
+                let (r, c) = part.split_once('x').unwrap_or((part, part));
+                let num = |v: &str| {
+                    v.parse::<usize>()
+                        .map_err(|_| format!("bad shape '{part}': use N, RxC, square or phi4"))
+                };
+                out.push((num(r)?, num(c)?));
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[derive(serde::Serialize, Clone)]
+struct Row {
+    adapter: String,
+    backend: String,
+    op: String,
+    variant: String,
+    rows: usize,
+    cols: usize,
+    timing: &'static str,
+    runs: usize,
+    copies: usize,
+    median_us: f64,
+    min_us: f64,
+    p10_us: f64,
+    p90_us: f64,
+    bytes: u64,
+    gbps: f64,
+    pct_copy: Option<f64>,
+}
+
+/// Median, minimum, 10th and 90th percentiles of `t`.
+fn stats(t: &mut [f64]) -> (f64, f64, f64, f64) {
+    t.sort_by(f64::total_cmp);
+    let q = |f: f64| t[((t.len() - 1) as f64 * f) as usize];
+    (q(0.5), t[0], q(0.1), q(0.9))
+}
+
+/// Times `runs` dispatches recorded by `record(pass, i)`, each in its own pass: GPU timestamps when the
+/// adapter has them, else wall clock over one batch (every run then gets the mean).
+fn time_runs(
+    gpu: &Gpu,
+    runs: usize,
+    mut record: impl FnMut(&mut wgpu::ComputePass<'_>, usize) -> upg::gpu::Result<()>,
+) -> upg::gpu::Result<(Vec<f64>, &'static str)> {
+    let dev = gpu.device();
+    let mut enc = dev.create_command_encoder(&Default::default());
+    if gpu.features().timestamps {
+        let qs = dev.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("bench"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2 * runs as u32,
+        });
+        for i in 0..runs {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                    query_set: &qs,
+                    beginning_of_pass_write_index: Some(2 * i as u32),
+                    end_of_pass_write_index: Some(2 * i as u32 + 1),
+                }),
+            });
+            record(&mut pass, i)?;
+        }
+        let resolved = dev.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamps"),
+            size: 16 * runs as u64,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        enc.resolve_query_set(&qs, 0..2 * runs as u32, &resolved, 0);
+        gpu.submit_and_wait(enc.finish())?;
+        let ticks: Vec<u64> =
+            bytemuck::pod_collect_to_vec(&gpu.read_bytes(&resolved, 0, 16 * runs as u64)?);
+        let period = gpu.queue().get_timestamp_period() as f64;
+        let t = ticks
+            .chunks_exact(2)
+            .map(|p| p[1].saturating_sub(p[0]) as f64 * period / 1e3)
+            .collect();
+        Ok((t, "gpu-timestamp"))
+    } else {
+        for i in 0..runs {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            record(&mut pass, i)?;
+        }
+        let start = Instant::now();
+        gpu.submit_and_wait(enc.finish())?;
+        let each = start.elapsed().as_secs_f64() * 1e6 / runs as f64;
+        Ok((vec![each; runs], "wall"))
+    }
+}
+
+/// Random f16 weights (sign, exponent in a typical range, random mantissa), fast for 500M values.
+fn random_f16(rows: usize, cols: usize, seed: u64) -> Tensor {
+    let mut values = vec![f16::ZERO; rows * cols];
+    values
+        .par_chunks_mut(cols.max(1))
+        .enumerate()
+        .for_each(|(r, row)| {
+            let mut rng = Rng::new(seed ^ (r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            for v in row.iter_mut() {
+                let b = rng.next_u64();
+                let exp = 6 + (b >> 11) % 7; // 2^-9 .. 2^-3
+                *v = f16::from_bits(
+                    ((b >> 15) as u16 & 0x8000) | ((exp as u16) << 10) | (b as u16 & 0x3FF),
+                );
+            }
+        });
+    Tensor::F16(DenseF16 {
+        rows,
+        cols,
+        values: values.into(),
+    })
+}
+
+struct Bench<'a> {
+    args: &'a Args,
+    name: String,
+    backend: String,
+    copy_gbps: Option<f64>,
+    rows: Vec<Row>,
+}
+
+impl Bench<'_> {
+    #[allow(clippy::too_many_arguments)]
+    fn measure(
+        &mut self,
+        gpu: &Gpu,
+        op: &str,
+        variant: String,
+        (rows, cols): (usize, usize),
+        bytes: u64,
+        copies: usize,
+        mut record: impl FnMut(&mut wgpu::ComputePass<'_>, usize) -> upg::gpu::Result<()>,
+    ) -> upg::gpu::Result<()> {
+        // Warm-up by time, right before the timed batch: an idle GPU drops its SM clock, and the host
+        // spends seconds uploading weights between measurements. With a 10-run warm-up, batches on an
+        // H100 ran at whatever clock the GPU was in: identical kernels differed up to 4x.
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(self.args.warm_ms) {
+            time_runs(gpu, 20, &mut record)?;
+        }
+        let (mut t, timing) = time_runs(gpu, self.args.runs, &mut record)?;
+        let (median, min, p10, p90) = stats(&mut t);
+        let gbps = bytes as f64 / median / 1e3;
+        let pct_copy = self
+            .copy_gbps
+            .filter(|_| op != "copy")
+            .map(|c| 100.0 * gbps / c);
+        eprintln!(
+            "{op:<11} {variant:<16} {rows:>6} x {cols:<6} {median:>10.1} us {gbps:>8.1} GB/s {}",
+            pct_copy.map_or(String::new(), |p| format!("{p:5.1}% of copy"))
+        );
+        self.rows.push(Row {
+            adapter: self.name.clone(),
+            backend: self.backend.clone(),
+            op: op.into(),
+            variant,
+            rows,
+            cols,
+            timing,
+            runs: self.args.runs,
+            copies,
+            median_us: median,
+            min_us: min,
+            p10_us: p10,
+            p90_us: p90,
+            bytes,
+            gbps,
+            pct_copy,
+        });
+        Ok(())
+    }
+
+    fn copy(&mut self, gpu: &Gpu) -> upg::gpu::Result<()> {
+        let bytes = self.args.copy_mib << 20;
+        let make = |label| {
+            gpu.device().create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
+        let (a, b) = (make("copy a"), make("copy b"));
+        let variant = format!("{} MiB", self.args.copy_mib);
+        self.measure(gpu, "copy", variant, (0, 0), 2 * bytes, 1, |pass, i| {
+            // Alternate direction so that no run reads what the last one wrote into the cache.
+            let (s, d) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+            gpu.copy(pass, s, d, bytes)
+        })?;
+        self.copy_gbps = self.rows.last().map(|r| r.gbps);
+        Ok(())
+    }
+
+    fn op(
+        &mut self,
+        gpu: &Gpu,
+        op: &str,
+        (rows, cols): (usize, usize),
+        sparse: &Tensor,
+        label: &str,
+    ) -> upg::gpu::Result<()> {
+        let mut rng = Rng::new(self.args.seed ^ 0xA5A5);
+        let x: GpuVector = gpu.vector(&rng.normal_vec(cols, 1.0))?;
+        let y = gpu.zeros(rows)?;
+        let shape = (rows, cols);
+        match op {
+            "spmv" => {
+                let ws = uploads(gpu, sparse)?;
+                let n = ws.len();
+                self.measure(
+                    gpu,
+                    op,
+                    label.into(),
+                    shape,
+                    sparse.stored_bytes() as u64,
+                    n,
+                    |pass, i| gpu.matvec(pass, &ws[i % n], &x, &y, None),
+                )
+            }
+            "gemv_f16" => {
+                let w = random_f16(rows, cols, self.args.seed);
+                let ws = uploads(gpu, &w)?;
+                let n = ws.len();
+                self.measure(
+                    gpu,
+                    op,
+                    label.into(),
+                    shape,
+                    w.stored_bytes() as u64,
+                    n,
+                    |pass, i| gpu.matvec(pass, &ws[i % n], &x, &y, None),
+                )
+            }
+            "decompress" => {
+                let ws = uploads(gpu, sparse)?;
+                let n = ws.len();
+                let out = gpu.dense_zeros(rows, cols, DenseKind::F16)?;
+                let bytes = sparse.stored_bytes() as u64 + (rows * cols * 2) as u64;
+                self.measure(
+                    gpu,
+                    op,
+                    format!("{label} f16"),
+                    shape,
+                    bytes,
+                    n,
+                    |pass, i| gpu.decompress(pass, &ws[i % n], &out),
+                )
+            }
+            other => {
+                eprintln!("unknown op '{other}' (use copy, spmv, gemv_f16, decompress)");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Enough copies of `w` on the device that cycling through them defeats the cache.
+fn uploads(gpu: &Gpu, w: &Tensor) -> upg::gpu::Result<Vec<GpuMatrix>> {
+    let n = ROTATE_BYTES.div_ceil(w.stored_bytes().max(1)).clamp(1, 256);
+    (0..n).map(|_| gpu.upload(w)).collect()
+}
+
+fn options(
+    args: &Args,
+    adapter: &str,
+    spmv: &[(String, f64)],
+) -> Result<GpuOptions, upg::gpu::GpuError> {
+    let env = GpuOptions::from_env()?;
+    Ok(GpuOptions {
+        adapter: (!adapter.is_empty())
+            .then(|| adapter.to_string())
+            .or(env.adapter),
+        runtime_checks: !args.unchecked,
+        spmv_overrides: spmv.to_vec(),
+        ..env
+    })
+}
+
+fn bench_gpu(
+    args: &Args,
+    adapter: &str,
+    ops: &[&str],
+    shapes: &[(usize, usize)],
+) -> Result<Vec<Row>, Box<dyn std::error::Error>> {
+    let gpu = Gpu::new(&options(args, adapter, &[])?)?;
+    eprintln!("adapter: {} ({:?})", gpu.describe(), gpu.features());
+    let mut others: Vec<(String, Gpu)> = Vec::new();
+    for set in args.spmv_set.iter().flat_map(|s| s.split(';')) {
+        let mut spmv = Vec::new();
+        for kv in set.split(',').map(str::trim).filter(|kv| !kv.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or(format!("'{kv}' is not NAME=VALUE"))?;
+            spmv.push((k.to_string(), v.parse::<f64>()?));
+        }
+        others.push((
+            set.trim().to_string(),
+            Gpu::new(&options(args, adapter, &spmv)?)?,
+        ));
+    }
+    let checks = if args.unchecked {
+        "unchecked"
+    } else {
+        "checked"
+    };
+    let mut bench = Bench {
+        args,
+        name: gpu.info().name.clone(),
+        backend: format!("{:?}", gpu.info().backend),
+        copy_gbps: None,
+        rows: Vec::new(),
+    };
+    if ops.contains(&"copy") {
+        bench.copy(&gpu)?;
+    }
+    for &shape in shapes {
+        let mut rng = Rng::new(args.seed);
+        let sparse = Tensor::Sparse(SparseMatrix::random(shape.0, shape.1, 128, &mut rng)?);
+        for &op in ops.iter().filter(|&&o| o != "copy") {
+            if op == "spmv" && !others.is_empty() {
+                for (set, g) in &others {
+                    bench.op(g, op, shape, &sparse, &format!("{checks} {set}"))?;
+                }
+            } else {
+                bench.op(&gpu, op, shape, &sparse, checks)?;
+            }
+        }
+    }
+    Ok(bench.rows)
+}
+
+/// The CPU path: the same products through `upg::cpu`, timed by wall clock.
+fn bench_cpu(args: &Args, ops: &[&str], shapes: &[(usize, usize)]) -> Vec<Row> {
+    let mut out = Vec::new();
+    for &(rows, cols) in shapes {
+        let mut rng = Rng::new(args.seed);
+        let Ok(sparse) = SparseMatrix::random(rows, cols, 128, &mut rng) else {
+            continue;
+        };
+        let sparse = Tensor::Sparse(sparse);
+        let x = rng.normal_vec(cols, 1.0);
+        let mut y = vec![0.0; rows];
+        for &op in ops {
+            let (w, bytes) = match op {
+                "spmv" => (&sparse, sparse.stored_bytes() as u64),
+                _ => continue,
+            };
+            let runs = args.runs.clamp(1, 5);
+            let mut t: Vec<f64> = (0..runs)
+                .map(|_| {
+                    let start = Instant::now();
+                    upg::cpu::reference::spmv(w, &x, &mut y);
+                    start.elapsed().as_secs_f64() * 1e6
+                })
+                .collect();
+            let (median, min, p10, p90) = stats(&mut t);
+            let gbps = bytes as f64 / median / 1e3;
+            eprintln!("cpu {op:<11} {rows:>6} x {cols:<6} {median:>10.1} us {gbps:>8.2} GB/s");
+            out.push(Row {
+                adapter: "CPU path (upg::cpu::reference)".into(),
+                backend: "cpu".into(),
+                op: op.into(),
+                variant: "scalar".into(),
+                rows,
+                cols,
+                timing: "wall",
+                runs,
+                copies: 1,
+                median_us: median,
+                min_us: min,
+                p10_us: p10,
+                p90_us: p90,
+                bytes,
+                gbps,
+                pct_copy: None,
+            });
+        }
+    }
+    out
+}
+
+fn print_table(rows: &[Row]) {
+    println!("| adapter | op | variant | rows x cols | timing | median us | GB/s | % of copy |");
+    println!("|---|---|---|---|---|---:|---:|---:|");
+    for r in rows {
+        let shape = if r.op == "copy" {
+            "-".to_string()
+        } else {
+            format!("{} x {}", r.rows, r.cols)
+        };
+        println!(
+            "| {} | {} | {} | {shape} | {} | {:.1} | {:.0} | {} |",
+            r.adapter,
+            r.op,
+            r.variant,
+            r.timing,
+            r.median_us,
+            r.gbps,
+            r.pct_copy.map_or("-".to_string(), |p| format!("{p:.0}%"))
+        );
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(&args) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let backends = GpuOptions::from_env()
+        .map(|o| o.backends)
+        .unwrap_or(wgpu::Backends::all());
+    let adapters = Gpu::adapters(backends);
+    println!("| # | adapter | backend | type | driver | f16 | subgroups | timestamps |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (i, a) in adapters.iter().enumerate() {
+        println!(
+            "| {i} | {} | {:?} | {:?} | {} | {} | {} | {} |",
+            a.name, a.backend, a.device_type, a.driver, a.f16, a.subgroups, a.timestamps
+        );
+    }
+    println!("| - | CPU path (upg::cpu) | - | - | - | - | - | - |\n");
+    if args.list {
+        return Ok(());
+    }
+    let shapes = parse_shapes(&args.shapes)?;
+    let ops: Vec<&str> = args.ops.split(',').map(str::trim).collect();
+    let which = args.adapter.clone().unwrap_or_default().to_lowercase();
+    let mut rows = Vec::new();
+    let names: Vec<Option<String>> = match which.as_str() {
+        "all" => adapters
+            .iter()
+            .map(|a| Some(a.name.clone()))
+            .chain([None])
+            .collect(),
+        "cpu" => vec![None],
+        "" => vec![Some(String::new())],
+        _ => vec![Some(which.clone())],
+    };
+    for name in names {
+        match name {
+            Some(name) => rows.extend(bench_gpu(args, &name, &ops, &shapes)?),
+            None => rows.extend(bench_cpu(args, &ops, &shapes)),
+        }
+    }
+    print_table(&rows);
+    if let Some(path) = &args.json {
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&rows)?)?;
+        std::fs::rename(&tmp, path)?;
+    }
+    Ok(())
+}

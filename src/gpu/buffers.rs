@@ -1,0 +1,166 @@
+//! Device buffers: creating them filled, vectors of f32, and reading results back.
+
+use super::context::Gpu;
+use super::error::{GpuError, Result};
+
+/// An f32 vector on the device. Its buffer holds `len` values and zeros up to the next multiple of 64,
+/// so that kernels may read whole 64-column blocks of x.
+#[derive(Debug)]
+pub struct GpuVector {
+    pub(crate) buffer: wgpu::Buffer,
+    pub len: usize,
+}
+
+/// Entries a vector of `len` values occupies on the device.
+pub(crate) fn padded_len(len: usize) -> usize {
+    len.div_ceil(64).max(1) * 64
+}
+
+impl Gpu {
+    /// A storage buffer holding `bytes` (padded with zeros to a multiple of 4 bytes).
+    pub(crate) fn buffer_with(
+        &self,
+        label: &str,
+        bytes: &[u8],
+        usage: wgpu::BufferUsages,
+    ) -> Result<wgpu::Buffer> {
+        let size = (bytes.len().max(4).div_ceil(4) * 4) as u64;
+        self.buffer_filled(label, size, usage, |dst| {
+            dst[..bytes.len()].copy_from_slice(bytes)
+        })
+    }
+
+    /// A buffer of `size` bytes (a multiple of 4) whose contents `fill` writes, zeroed first.
+    pub(crate) fn buffer_filled(
+        &self,
+        label: &str,
+        size: u64,
+        usage: wgpu::BufferUsages,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<wgpu::Buffer> {
+        let what = format!("allocating {label} ({size} bytes)");
+        let buf = self.scoped(&what, || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage: usage | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: true,
+            })
+        })?;
+        // Mapped memory is write-only: the contents are built on the host, then copied in once.
+        let mut data = vec![0u8; size as usize];
+        fill(&mut data);
+        buf.get_mapped_range_mut(..)
+            .map_err(|e| GpuError::Wgpu {
+                what: what.clone(),
+                reason: e.to_string(),
+            })?
+            .copy_from_slice(&data);
+        buf.unmap();
+        Ok(buf)
+    }
+
+    /// A uniform buffer holding `words`.
+    pub(crate) fn uniform(&self, words: &[u32]) -> Result<wgpu::Buffer> {
+        self.buffer_with(
+            "params",
+            bytemuck::cast_slice(words),
+            wgpu::BufferUsages::UNIFORM,
+        )
+    }
+
+    /// Uploads `x`.
+    pub fn vector(&self, x: &[f32]) -> Result<GpuVector> {
+        let buffer = self.buffer_filled(
+            "vector",
+            padded_len(x.len()) as u64 * 4,
+            wgpu::BufferUsages::STORAGE,
+            |dst| dst[..x.len() * 4].copy_from_slice(bytemuck::cast_slice(x)),
+        )?;
+        Ok(GpuVector {
+            buffer,
+            len: x.len(),
+        })
+    }
+
+    /// A vector of `len` zeros.
+    pub fn zeros(&self, len: usize) -> Result<GpuVector> {
+        self.vector(&vec![0.0; len])
+    }
+
+    /// Overwrites the values of `v` (not its zero padding) with `values`.
+    pub fn write(&self, v: &GpuVector, values: &[f32]) -> Result<()> {
+        if values.len() != v.len {
+            return Err(GpuError::Shape(format!(
+                "{} values written to a vector of {}",
+                values.len(),
+                v.len
+            )));
+        }
+        if !values.is_empty() {
+            self.queue
+                .write_buffer(&v.buffer, 0, bytemuck::cast_slice(values));
+        }
+        Ok(())
+    }
+
+    /// Reads `v` back.
+    pub fn read(&self, v: &GpuVector) -> Result<Vec<f32>> {
+        let bytes = self.read_bytes(&v.buffer, 0, v.len as u64 * 4)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    /// Reads `size` bytes of `buf` from `offset` (both multiples of 4) through a staging buffer.
+    pub fn read_bytes(&self, buf: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
+        let enc = self.device.create_command_encoder(&Default::default());
+        self.submit_and_read(enc, buf, offset, size)
+    }
+
+    /// Submits `enc` (work already recorded in it) with a copy of `size` bytes of `buf` at `offset`
+    /// appended, waits, and returns those bytes: one submission for a pass and its read-back.
+    pub(crate) fn submit_and_read(
+        &self,
+        mut enc: wgpu::CommandEncoder,
+        buf: &wgpu::Buffer,
+        offset: u64,
+        size: u64,
+    ) -> Result<Vec<u8>> {
+        if size == 0 {
+            self.submit_and_wait(enc.finish())?;
+            return Ok(Vec::new());
+        }
+        let staging = self.scoped("allocating a read-back buffer", || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("read-back"),
+                size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })?;
+        enc.copy_buffer_to_buffer(buf, offset, &staging, 0, size);
+        self.submit_and_wait(enc.finish())?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        let fail = |reason: String| GpuError::Wgpu {
+            what: "reading results back".into(),
+            reason,
+        };
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: None,
+                timeout: None,
+            })
+            .map_err(|e| fail(e.to_string()))?;
+        rx.recv()
+            .map_err(|e| fail(e.to_string()))?
+            .map_err(|e| fail(e.to_string()))?;
+        let data = staging
+            .get_mapped_range(..)
+            .map_err(|e| fail(e.to_string()))?
+            .to_vec();
+        staging.unmap();
+        Ok(data)
+    }
+}

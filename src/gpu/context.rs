@@ -1,0 +1,543 @@
+//! The GPU context: instance, adapter choice, device with the adapter's real limits and the optional
+//! features it has, error capture, and the pipeline cache.
+//!
+//! Adapter choice: all backends, highest performance first (discrete, integrated, virtual, software);
+//! `UPG_BACKEND=vulkan|metal|dx12|gl|cpu` restricts the backend (`cpu` asks for the CPU path: no GPU),
+//! `UPG_ADAPTER=<substring>` picks an adapter by name.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::error::{GpuError, Result};
+use super::shader::{Binding, Kernel, Variant};
+
+/// Test and bench knobs that lower the device's limits, so that the code paths for large tensors
+/// (binding splits, 2D dispatch, x staged in several tiles) run at small sizes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LimitOverrides {
+    pub max_binding_bytes: Option<u64>,
+    pub max_workgroups_per_dim: Option<u32>,
+    pub max_workgroup_storage_bytes: Option<u32>,
+}
+
+#[derive(Clone, Debug)]
+pub struct GpuOptions {
+    pub backends: wgpu::Backends,
+    /// Case-insensitive substring of the adapter name.
+    pub adapter: Option<String>,
+    /// Use shader-f16 / subgroups / timestamp queries when the adapter has them.
+    pub f16: bool,
+    pub subgroups: bool,
+    pub timestamps: bool,
+    /// wgpu's shader bounds checks and loop bounding; off skips them in kernels whose indices are in
+    /// range by construction of the upload layout.
+    pub runtime_checks: bool,
+    pub limits: LimitOverrides,
+    /// Bench knob: override constants of spmv.wgsl (e.g. SLICES, TILE_BLOCKS) that replace the
+    /// launcher's choice or add to it.
+    pub spmv_overrides: Vec<(String, f64)>,
+}
+
+impl Default for GpuOptions {
+    fn default() -> Self {
+        Self {
+            backends: wgpu::Backends::all(),
+            adapter: None,
+            f16: true,
+            subgroups: true,
+            timestamps: true,
+            runtime_checks: true,
+            limits: LimitOverrides::default(),
+            spmv_overrides: Vec::new(),
+        }
+    }
+}
+
+impl GpuOptions {
+    /// Defaults with `UPG_BACKEND` and `UPG_ADAPTER` applied. `UPG_BACKEND=cpu` gives
+    /// [`GpuError::NoAdapter`], which callers that can fall back treat as "use the CPU".
+    pub fn from_env() -> Result<Self> {
+        let mut opts = Self::default();
+        if let Ok(b) = std::env::var("UPG_BACKEND") {
+            opts.backends = match b.to_ascii_lowercase().as_str() {
+                "vulkan" => wgpu::Backends::VULKAN,
+                "metal" => wgpu::Backends::METAL,
+                "dx12" => wgpu::Backends::DX12,
+                "gl" => wgpu::Backends::GL,
+                "cpu" => {
+                    return Err(GpuError::NoAdapter(
+                        "UPG_BACKEND=cpu asks for the CPU path".into(),
+                    ))
+                }
+                _ => return Err(GpuError::BadBackend(b)),
+            };
+        }
+        opts.adapter = std::env::var("UPG_ADAPTER").ok().filter(|s| !s.is_empty());
+        Ok(opts)
+    }
+}
+
+/// An adapter as listed by [`Gpu::adapters`].
+#[derive(Clone, Debug)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub backend: wgpu::Backend,
+    pub device_type: wgpu::DeviceType,
+    pub driver: String,
+    pub f16: bool,
+    pub subgroups: bool,
+    pub timestamps: bool,
+}
+
+/// The limits the launchers plan with: the device's, lowered by any [`LimitOverrides`].
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest storage binding (and buffer) in bytes.
+    pub max_binding_bytes: u64,
+    pub max_workgroups_per_dim: u32,
+    pub max_workgroup_storage_bytes: u32,
+    pub max_invocations_per_workgroup: u32,
+}
+
+/// Optional features in use.
+#[derive(Clone, Copy, Debug)]
+pub struct Features {
+    pub f16: bool,
+    pub subgroups: bool,
+    pub timestamps: bool,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct PipelineKey {
+    kernel: Kernel,
+    /// Override constants by name, values as f64 bits (all are small integers or booleans).
+    constants: Vec<(String, u64)>,
+}
+
+pub struct Gpu {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    features: Features,
+    limits: Limits,
+    runtime_checks: bool,
+    pub(crate) spmv_overrides: Vec<(String, f64)>,
+    layouts: Mutex<HashMap<Kernel, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>>,
+    modules: Mutex<HashMap<Kernel, wgpu::ShaderModule>>,
+    pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+    /// Errors that no error scope caught (they would otherwise panic inside wgpu).
+    uncaptured: Arc<Mutex<Vec<String>>>,
+    /// A small zeroed storage buffer bound where a kernel's optional input is not used.
+    pub(crate) dummy: wgpu::Buffer,
+}
+
+fn rank(t: wgpu::DeviceType) -> u8 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    }
+}
+
+fn instance(backends: wgpu::Backends) -> wgpu::Instance {
+    wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends,
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    })
+}
+
+fn summary(a: &wgpu::Adapter) -> AdapterSummary {
+    let info = a.get_info();
+    let f = a.features();
+    AdapterSummary {
+        name: info.name,
+        backend: info.backend,
+        device_type: info.device_type,
+        driver: format!("{} {}", info.driver, info.driver_info)
+            .trim()
+            .to_string(),
+        f16: f.contains(wgpu::Features::SHADER_F16),
+        subgroups: f.contains(wgpu::Features::SUBGROUP),
+        timestamps: f.contains(wgpu::Features::TIMESTAMP_QUERY),
+    }
+}
+
+impl Gpu {
+    /// Every adapter of `backends`, best first.
+    pub fn adapters(backends: wgpu::Backends) -> Vec<AdapterSummary> {
+        let mut list = pollster::block_on(instance(backends).enumerate_adapters(backends));
+        list.sort_by_key(|a| rank(a.get_info().device_type));
+        list.iter().map(summary).collect()
+    }
+
+    /// Opens the best adapter that `opts` allows.
+    pub fn new(opts: &GpuOptions) -> Result<Self> {
+        let inst = instance(opts.backends);
+        let mut list = pollster::block_on(inst.enumerate_adapters(opts.backends));
+        let found = list.len();
+        if let Some(want) = &opts.adapter {
+            let want = want.to_lowercase();
+            list.retain(|a| a.get_info().name.to_lowercase().contains(&want));
+            if list.is_empty() {
+                return Err(GpuError::NoAdapter(format!(
+                    "none of the {found} adapters has '{want}' in its name (UPG_ADAPTER); `cargo run --release --example bench -- --list` lists them"
+                )));
+            }
+        }
+        let adapter = list
+            .into_iter()
+            .min_by_key(|a| rank(a.get_info().device_type))
+            .ok_or_else(|| {
+                GpuError::NoAdapter(format!(
+                    "wgpu found no adapter for backends {:?} (no driver installed? on Linux, mesa-vulkan-drivers gives a software Vulkan device)",
+                    opts.backends
+                ))
+            })?;
+        Self::open(adapter, opts)
+    }
+
+    fn open(adapter: wgpu::Adapter, opts: &GpuOptions) -> Result<Self> {
+        let info = adapter.get_info();
+        let have = adapter.features();
+        let mut want = wgpu::Features::empty();
+        for (on, f) in [
+            (opts.f16, wgpu::Features::SHADER_F16),
+            (opts.subgroups, wgpu::Features::SUBGROUP),
+            (opts.timestamps, wgpu::Features::TIMESTAMP_QUERY),
+        ] {
+            if on && have.contains(f) {
+                want |= f;
+            }
+        }
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("upg"),
+            required_features: want,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| GpuError::Device {
+            adapter: info.name.clone(),
+            reason: e.to_string(),
+        })?;
+        let uncaptured = Arc::new(Mutex::new(Vec::new()));
+        let sink = uncaptured.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            if let Ok(mut v) = sink.lock() {
+                v.push(e.to_string());
+            }
+        }));
+        let o = opts.limits;
+        let lower = |dev: u64, knob: Option<u64>| knob.map_or(dev, |k| k.min(dev));
+        let limits = Limits {
+            max_binding_bytes: lower(
+                limits
+                    .max_storage_buffer_binding_size
+                    .min(limits.max_buffer_size),
+                o.max_binding_bytes,
+            ),
+            max_workgroups_per_dim: lower(
+                limits.max_compute_workgroups_per_dimension as u64,
+                o.max_workgroups_per_dim.map(u64::from),
+            ) as u32,
+            max_workgroup_storage_bytes: lower(
+                limits.max_compute_workgroup_storage_size as u64,
+                o.max_workgroup_storage_bytes.map(u64::from),
+            ) as u32,
+            max_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
+        };
+        let dummy = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("unused input"),
+            size: 256,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        Ok(Self {
+            features: Features {
+                f16: want.contains(wgpu::Features::SHADER_F16),
+                subgroups: want.contains(wgpu::Features::SUBGROUP),
+                timestamps: want.contains(wgpu::Features::TIMESTAMP_QUERY),
+            },
+            device,
+            queue,
+            info,
+            limits,
+            runtime_checks: opts.runtime_checks,
+            spmv_overrides: opts.spmv_overrides.clone(),
+            layouts: Mutex::default(),
+            modules: Mutex::default(),
+            pipelines: Mutex::default(),
+            uncaptured,
+            dummy,
+        })
+    }
+
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    pub fn info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    pub fn features(&self) -> Features {
+        self.features
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// "name (backend, driver)" for logs and tables.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({:?}, {} {})",
+            self.info.name, self.info.backend, self.info.driver, self.info.driver_info
+        )
+        .replace(" )", ")")
+    }
+
+    pub fn variant(&self) -> Variant {
+        Variant {
+            f16: self.features.f16,
+            subgroups: self.features.subgroups,
+        }
+    }
+
+    /// Runs `f`, turning any validation or out-of-memory error it causes into `GpuError::Wgpu`.
+    pub(crate) fn scoped<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let out = f();
+        let e1 = pollster::block_on(validation.pop());
+        let e2 = pollster::block_on(oom.pop());
+        match e1.or(e2) {
+            Some(e) => Err(GpuError::Wgpu {
+                what: what.to_string(),
+                reason: e.to_string(),
+            }),
+            None => self.take_uncaptured(what).map(|()| out),
+        }
+    }
+
+    /// Fails with the first error that escaped the error scopes since the last call.
+    pub(crate) fn take_uncaptured(&self, what: &str) -> Result<()> {
+        let mut v = self.uncaptured.lock().map_err(|_| GpuError::Wgpu {
+            what: what.into(),
+            reason: "error log poisoned".into(),
+        })?;
+        let first = v.drain(..).next();
+        match first {
+            Some(reason) => Err(GpuError::Wgpu {
+                what: what.into(),
+                reason,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Submits and blocks until the GPU is done.
+    pub fn submit_and_wait(&self, cmd: wgpu::CommandBuffer) -> Result<()> {
+        let index = self.queue.submit([cmd]);
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(index),
+                timeout: None,
+            })
+            .map_err(|e| GpuError::Wgpu {
+                what: "waiting for the GPU".into(),
+                reason: e.to_string(),
+            })?;
+        self.take_uncaptured("running kernels")
+    }
+
+    /// Records one compute pass with `f`, submits it and waits.
+    pub fn run<T>(&self, f: impl FnOnce(&mut wgpu::ComputePass<'_>) -> Result<T>) -> Result<T> {
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        let out = {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            f(&mut pass)?
+        };
+        self.submit_and_wait(enc.finish())?;
+        Ok(out)
+    }
+
+    fn layout(&self, kernel: Kernel) -> Result<(wgpu::BindGroupLayout, wgpu::PipelineLayout)> {
+        let mut map = self.layouts.lock().map_err(|_| poisoned())?;
+        if let Some(l) = map.get(&kernel) {
+            return Ok(l.clone());
+        }
+        let entries: Vec<_> = kernel
+            .bindings()
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupLayoutEntry {
+                binding: i as u32,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: match b {
+                    Binding::Uniform => wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Uniform,
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    Binding::Read | Binding::ReadWrite => wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Storage {
+                            read_only: *b == Binding::Read,
+                        },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                },
+                count: None,
+            })
+            .collect();
+        let l = self.scoped("creating a bind group layout", || {
+            let bgl = self
+                .device
+                .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                    label: Some(kernel.file()),
+                    entries: &entries,
+                });
+            let pl = self
+                .device
+                .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                    label: Some(kernel.file()),
+                    bind_group_layouts: &[Some(&bgl)],
+                    immediate_size: 0,
+                });
+            (bgl, pl)
+        })?;
+        map.insert(kernel, l.clone());
+        Ok(l)
+    }
+
+    fn module(&self, kernel: Kernel) -> Result<wgpu::ShaderModule> {
+        let mut map = self.modules.lock().map_err(|_| poisoned())?;
+        if let Some(m) = map.get(&kernel) {
+            return Ok(m.clone());
+        }
+        let src = kernel
+            .variant_source(self.variant())
+            .map_err(|reason| GpuError::Shader {
+                kernel: kernel.file().into(),
+                reason,
+            })?;
+        let desc = wgpu::ShaderModuleDescriptor {
+            label: Some(kernel.file()),
+            source: wgpu::ShaderSource::Wgsl(src.into()),
+        };
+        let m = self
+            .scoped(&format!("compiling {}", kernel.file()), || {
+                if self.runtime_checks {
+                    self.device.create_shader_module(desc)
+                } else {
+                    // SAFETY: the kernels index only inside their bindings and workgroup arrays for
+                    // every layout the launchers in this module create (the upload checks the shapes).
+                    unsafe {
+                        self.device.create_shader_module_trusted(
+                            desc,
+                            wgpu::ShaderRuntimeChecks::unchecked(),
+                        )
+                    }
+                }
+            })
+            .map_err(|e| GpuError::Shader {
+                kernel: kernel.file().into(),
+                reason: e.to_string(),
+            })?;
+        map.insert(kernel, m.clone());
+        Ok(m)
+    }
+
+    /// The pipeline of `kernel` with these override constants, built once and cached.
+    pub(crate) fn pipeline(
+        &self,
+        kernel: Kernel,
+        constants: &[(&str, f64)],
+    ) -> Result<(wgpu::ComputePipeline, wgpu::BindGroupLayout)> {
+        let key = PipelineKey {
+            kernel,
+            constants: constants
+                .iter()
+                .map(|&(n, v)| (n.to_string(), v.to_bits()))
+                .collect(),
+        };
+        let (bgl, layout) = self.layout(kernel)?;
+        if let Some(p) = self.pipelines.lock().map_err(|_| poisoned())?.get(&key) {
+            return Ok((p.clone(), bgl));
+        }
+        let module = self.module(kernel)?;
+        let p = self.scoped(&format!("building the {} pipeline", kernel.file()), || {
+            self.device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(kernel.file()),
+                    layout: Some(&layout),
+                    module: &module,
+                    entry_point: Some("main"),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants,
+                        // Every kernel writes the workgroup memory it reads.
+                        zero_initialize_workgroup_memory: false,
+                    },
+                    cache: None,
+                })
+        })?;
+        self.pipelines
+            .lock()
+            .map_err(|_| poisoned())?
+            .insert(key, p.clone());
+        Ok((p, bgl))
+    }
+
+    /// A bind group of whole buffers, binding i = `buffers[i]`.
+    pub(crate) fn bind(
+        &self,
+        layout: &wgpu::BindGroupLayout,
+        buffers: &[&wgpu::Buffer],
+    ) -> wgpu::BindGroup {
+        let entries: Vec<_> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout,
+            entries: &entries,
+        })
+    }
+
+    /// Workgroup counts for `groups` workgroups: one dimension while it fits, else two; the kernels
+    /// rebuild the linear index as x + y * num_workgroups.x and skip indices past the end.
+    pub(crate) fn grid(&self, groups: u64) -> Result<(u32, u32)> {
+        let max = self.limits.max_workgroups_per_dim as u64;
+        if groups <= max {
+            return Ok((groups as u32, 1));
+        }
+        let y = groups.div_ceil(max);
+        if y > max {
+            return Err(GpuError::Shape(format!(
+                "{groups} workgroups exceed {max} x {max}: split the launch"
+            )));
+        }
+        Ok((max as u32, y as u32))
+    }
+}
+
+fn poisoned() -> GpuError {
+    GpuError::Wgpu {
+        what: "using the pipeline cache".into(),
+        reason: "a thread panicked while holding it".into(),
+    }
+}

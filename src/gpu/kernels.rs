@@ -1,0 +1,236 @@
+//! One launcher per WGSL op. Each records into a compute pass the caller owns, so that a model's
+//! forward pass can put many launches in one submission.
+
+use super::buffers::GpuVector;
+use super::context::Gpu;
+use super::error::{GpuError, Result};
+use super::matrix::{GpuMatrix, Layout, TILE_ROWS};
+use super::shader::Kernel;
+
+/// Words of workgroup memory spmv needs besides the x tile (the per-slice partial sums).
+const SPMV_PARTIAL_BYTES: u32 = 4 * 32 * 32;
+
+impl Gpu {
+    /// y = W x, or y = W x + r with `residual` (which may be y itself: y += W x). Any codec.
+    pub fn matvec(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        w: &GpuMatrix,
+        x: &GpuVector,
+        y: &GpuVector,
+        residual: Option<&GpuVector>,
+    ) -> Result<()> {
+        if x.len != w.cols || y.len != w.rows {
+            return Err(GpuError::Shape(format!(
+                "W is [{}, {}], x has {} entries and y {}",
+                w.rows, w.cols, x.len, y.len
+            )));
+        }
+        if x.buffer == y.buffer {
+            return Err(GpuError::Shape("x and y must be different vectors".into()));
+        }
+        let (mode, res) = match residual {
+            None => (0.0, &self.dummy),
+            Some(r) if r.buffer == y.buffer => (2.0, &self.dummy),
+            Some(r) if r.len != w.rows => {
+                return Err(GpuError::Shape(format!(
+                    "residual has {} entries, W has {} rows",
+                    r.len, w.rows
+                )))
+            }
+            Some(r) => (1.0, &r.buffer),
+        };
+        for c in &w.chunks {
+            if c.rows == 0 || w.cols == 0 && !matches!(w.layout, Layout::Sparse { .. }) {
+                continue;
+            }
+            let (kernel, mut constants, groups): (Kernel, Vec<(&str, f64)>, usize) = match w.layout
+            {
+                Layout::Sparse {
+                    blocks,
+                    group_blocks,
+                    ..
+                } => {
+                    let tiles = c.rows.div_ceil(TILE_ROWS);
+                    let (slices, tile_blocks) = self.spmv_shape(tiles, blocks)?;
+                    (
+                        Kernel::Spmv,
+                        vec![
+                            ("GROUP_BLOCKS", group_blocks as f64),
+                            ("RESIDUAL", mode),
+                            ("SLICES", slices as f64),
+                            ("TILE_BLOCKS", tile_blocks as f64),
+                        ],
+                        tiles,
+                    )
+                }
+                Layout::F16 { .. } => (
+                    Kernel::GemvF16,
+                    vec![("RESIDUAL", mode)],
+                    c.rows.div_ceil(8),
+                ),
+                Layout::F32 { .. } => (
+                    Kernel::GemvF32,
+                    vec![("RESIDUAL", mode)],
+                    c.rows.div_ceil(8),
+                ),
+                Layout::Q4 { group, .. } => (
+                    Kernel::GemvQ4,
+                    vec![("GROUP_CHUNKS", (group / 32) as f64), ("RESIDUAL", mode)],
+                    c.rows.div_ceil(8),
+                ),
+            };
+            if kernel == Kernel::Spmv {
+                for (name, v) in &self.spmv_overrides {
+                    match constants.iter_mut().find(|c| c.0 == name) {
+                        Some(c) => c.1 = *v,
+                        None => constants.push((name, *v)),
+                    }
+                }
+            }
+            let (pipeline, layout) = self.pipeline(kernel, &constants)?;
+            let mut buffers: Vec<&wgpu::Buffer> = vec![&c.params];
+            buffers.extend(&c.planes);
+            buffers.extend([&x.buffer, &y.buffer, res]);
+            let bind = self.bind(&layout, &buffers);
+            let (gx, gy) = self.grid(groups as u64)?;
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind, &[]);
+            pass.dispatch_workgroups(gx, gy, 1);
+        }
+        Ok(())
+    }
+
+    /// Slices per row tile and x-tile width (in blocks) for spmv: at least 8 slices, more until the
+    /// launch has about 16384 warps (a thread's walk over its blocks is a long serial chain, so the
+    /// GPU needs many of them: on an H100, 8 to 32 slices beat 2 and 4 at every Phi-4 shape), within
+    /// the workgroup size limit and the row's block count; an x tile that fits workgroup memory.
+    fn spmv_shape(&self, tiles: usize, blocks: usize) -> Result<(u32, u32)> {
+        let lim = self.limits();
+        let max_slices = (lim.max_invocations_per_workgroup / 32).clamp(1, 32);
+        let mut slices = 1u32;
+        while slices < max_slices
+            && (slices < 8 || tiles * (slices as usize) < 16384)
+            && (slices as usize) < blocks
+        {
+            slices *= 2;
+        }
+        let slices = slices.min(max_slices);
+        let room = lim
+            .max_workgroup_storage_bytes
+            .saturating_sub(SPMV_PARTIAL_BYTES)
+            / (96 * 4);
+        if room == 0 {
+            return Err(GpuError::Layout(format!(
+                "spmv needs at least {} bytes of workgroup memory, the device has {}",
+                SPMV_PARTIAL_BYTES + 96 * 4,
+                lim.max_workgroup_storage_bytes
+            )));
+        }
+        Ok((slices, room.min(blocks.max(1) as u32)))
+    }
+
+    /// Writes the dense form of sparse `w` into `out` (from [`Gpu::dense_zeros`], same shape).
+    pub fn decompress(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        w: &GpuMatrix,
+        out: &GpuMatrix,
+    ) -> Result<()> {
+        let Layout::Sparse {
+            blocks,
+            groups,
+            group_blocks,
+        } = w.layout
+        else {
+            return Err(GpuError::Shape("decompress takes a sparse matrix".into()));
+        };
+        let (stride, f32_out) = match out.layout {
+            Layout::F16 { stride } => (stride, false),
+            Layout::F32 { stride } => (stride, true),
+            _ => {
+                return Err(GpuError::Shape(
+                    "decompress writes a dense f16 or f32 matrix".into(),
+                ))
+            }
+        };
+        if (out.rows, out.cols) != (w.rows, w.cols) {
+            return Err(GpuError::Shape(format!(
+                "decompressing [{}, {}] into [{}, {}]",
+                w.rows, w.cols, out.rows, out.cols
+            )));
+        }
+        let constants = [
+            ("GROUP_BLOCKS", group_blocks as f64),
+            ("OUT_F32", f32_out as u32 as f64),
+        ];
+        let (pipeline, layout) = self.pipeline(Kernel::Decompress, &constants)?;
+        // Launch over each overlap of an input chunk and an output chunk.
+        for i in &w.chunks {
+            for o in &out.chunks {
+                let a = i.row0.max(o.row0);
+                let b = (i.row0 + i.rows).min(o.row0 + o.rows);
+                if a >= b || w.cols == 0 {
+                    continue;
+                }
+                let units = (b - a) * stride / 8;
+                let params = self.uniform(&[
+                    (b - a) as u32,
+                    w.cols as u32,
+                    blocks as u32,
+                    groups as u32,
+                    (a - i.row0) as u32,
+                    (a - o.row0) as u32,
+                    stride as u32,
+                    units as u32,
+                ])?;
+                let mut buffers: Vec<&wgpu::Buffer> = vec![&params];
+                buffers.extend(&i.planes);
+                buffers.push(&o.planes[0]);
+                let bind = self.bind(&layout, &buffers);
+                let (gx, gy) = self.grid(units.div_ceil(256) as u64)?;
+                pass.set_pipeline(&pipeline);
+                pass.set_bind_group(0, &bind, &[]);
+                pass.dispatch_workgroups(gx, gy, 1);
+            }
+        }
+        Ok(())
+    }
+
+    /// dst = src over `bytes` (a multiple of 16): the bench's bandwidth yardstick.
+    pub fn copy(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        src: &wgpu::Buffer,
+        dst: &wgpu::Buffer,
+        bytes: u64,
+    ) -> Result<()> {
+        if !bytes.is_multiple_of(16)
+            || bytes > src.size()
+            || bytes > dst.size()
+            || bytes / 16 > u32::MAX as u64
+        {
+            return Err(GpuError::Shape(format!(
+                "cannot copy {bytes} bytes between these buffers"
+            )));
+        }
+        let n = bytes / 16;
+        let groups = n.div_ceil(1024);
+        let params = self.uniform(&[n as u32, groups as u32, 0, 0])?;
+        let (pipeline, layout) = self.pipeline(Kernel::Copy, &[])?;
+        let bind = self.bind(&layout, &[&params, src, dst]);
+        let (gx, gy) = self.grid(groups)?;
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind, &[]);
+        pass.dispatch_workgroups(gx, gy, 1);
+        Ok(())
+    }
+
+    /// y = W x on the device, from and to host memory: upload x, launch, read y back.
+    pub fn matvec_host(&self, w: &GpuMatrix, x: &[f32]) -> Result<Vec<f32>> {
+        let xv = self.vector(x)?;
+        let y = self.zeros(w.rows)?;
+        self.run(|pass| self.matvec(pass, w, &xv, &y, None))?;
+        self.read(&y)
+    }
+}

@@ -1,0 +1,194 @@
+//! The WGSL kernels: their sources (from `wgsl/`, nothing else holds shader source), their bindings, and
+//! the small preprocessor that makes the f16 and subgroup variants out of one file.
+//!
+//! Preprocessing: a line `// #if f16` or `// #if subgroups` opens a section kept only in that variant,
+//! `// #else` switches to the section kept otherwise, `// #endif` closes it (no nesting). Dropped lines
+//! become empty lines, so naga's error positions still match the file.
+
+/// One WGSL file in `wgsl/`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    Copy,
+    Spmv,
+    Decompress,
+    GemvF16,
+    GemvF32,
+    GemvQ4,
+    Rmsnorm,
+    Rope,
+    KvStore,
+    Attention,
+    SiluMul,
+    Add,
+    Argmax,
+    Embed,
+}
+
+/// How a kernel uses one binding of group 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binding {
+    Uniform,
+    Read,
+    ReadWrite,
+}
+
+/// Which optional features a build of a kernel uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Variant {
+    pub f16: bool,
+    pub subgroups: bool,
+}
+
+impl Variant {
+    /// All four combinations.
+    pub const ALL: [Variant; 4] = [
+        Variant {
+            f16: false,
+            subgroups: false,
+        },
+        Variant {
+            f16: true,
+            subgroups: false,
+        },
+        Variant {
+            f16: false,
+            subgroups: true,
+        },
+        Variant {
+            f16: true,
+            subgroups: true,
+        },
+    ];
+}
+
+use Binding::{Read, ReadWrite, Uniform};
+
+impl Kernel {
+    pub const ALL: [Kernel; 14] = [
+        Kernel::Copy,
+        Kernel::Spmv,
+        Kernel::Decompress,
+        Kernel::GemvF16,
+        Kernel::GemvF32,
+        Kernel::GemvQ4,
+        Kernel::Rmsnorm,
+        Kernel::Rope,
+        Kernel::KvStore,
+        Kernel::Attention,
+        Kernel::SiluMul,
+        Kernel::Add,
+        Kernel::Argmax,
+        Kernel::Embed,
+    ];
+
+    /// The file name in `wgsl/`.
+    pub fn file(self) -> &'static str {
+        match self {
+            Kernel::Copy => "copy.wgsl",
+            Kernel::Spmv => "spmv.wgsl",
+            Kernel::Decompress => "decompress.wgsl",
+            Kernel::GemvF16 => "gemv_f16.wgsl",
+            Kernel::GemvF32 => "gemv_f32.wgsl",
+            Kernel::GemvQ4 => "gemv_q4.wgsl",
+            Kernel::Rmsnorm => "rmsnorm.wgsl",
+            Kernel::Rope => "rope.wgsl",
+            Kernel::KvStore => "kv_store.wgsl",
+            Kernel::Attention => "attention.wgsl",
+            Kernel::SiluMul => "silu_mul.wgsl",
+            Kernel::Add => "add.wgsl",
+            Kernel::Argmax => "argmax.wgsl",
+            Kernel::Embed => "embed.wgsl",
+        }
+    }
+
+    /// The file as written.
+    pub fn source(self) -> &'static str {
+        match self {
+            Kernel::Copy => include_str!("../../wgsl/copy.wgsl"),
+            Kernel::Spmv => include_str!("../../wgsl/spmv.wgsl"),
+            Kernel::Decompress => include_str!("../../wgsl/decompress.wgsl"),
+            Kernel::GemvF16 => include_str!("../../wgsl/gemv_f16.wgsl"),
+            Kernel::GemvF32 => include_str!("../../wgsl/gemv_f32.wgsl"),
+            Kernel::GemvQ4 => include_str!("../../wgsl/gemv_q4.wgsl"),
+            Kernel::Rmsnorm => include_str!("../../wgsl/rmsnorm.wgsl"),
+            Kernel::Rope => include_str!("../../wgsl/rope.wgsl"),
+            Kernel::KvStore => include_str!("../../wgsl/kv_store.wgsl"),
+            Kernel::Attention => include_str!("../../wgsl/attention.wgsl"),
+            Kernel::SiluMul => include_str!("../../wgsl/silu_mul.wgsl"),
+            Kernel::Add => include_str!("../../wgsl/add.wgsl"),
+            Kernel::Argmax => include_str!("../../wgsl/argmax.wgsl"),
+            Kernel::Embed => include_str!("../../wgsl/embed.wgsl"),
+        }
+    }
+
+    /// Bindings 0.. of group 0, as the file's header comment lists them.
+    pub fn bindings(self) -> &'static [Binding] {
+        match self {
+            Kernel::Copy => &[Uniform, Read, ReadWrite],
+            Kernel::Spmv => &[Uniform, Read, Read, Read, Read, Read, ReadWrite, Read],
+            Kernel::Decompress => &[Uniform, Read, Read, Read, Read, ReadWrite],
+            Kernel::GemvF16 | Kernel::GemvF32 => &[Uniform, Read, Read, ReadWrite, Read],
+            Kernel::GemvQ4 => &[Uniform, Read, Read, Read, ReadWrite, Read],
+            Kernel::Rmsnorm => &[Uniform, Read, Read, ReadWrite],
+            Kernel::Rope => &[Uniform, ReadWrite, Read, Read],
+            Kernel::KvStore => &[Uniform, Read, ReadWrite, ReadWrite],
+            Kernel::Attention => &[Uniform, Read, Read, Read, ReadWrite],
+            Kernel::SiluMul => &[Uniform, Read, ReadWrite],
+            Kernel::Add => &[Uniform, ReadWrite, Read],
+            Kernel::Argmax => &[Uniform, Read, ReadWrite],
+            Kernel::Embed => &[Uniform, Read, Read, ReadWrite],
+        }
+    }
+
+    /// The source of one variant, preprocessed.
+    pub fn variant_source(self, variant: Variant) -> Result<String, String> {
+        preprocess(self.source(), variant).map_err(|e| format!("{}: {e}", self.file()))
+    }
+}
+
+/// Keeps the lines of `src` that belong to `variant` (see the module comment).
+pub fn preprocess(src: &str, variant: Variant) -> Result<String, String> {
+    // None: outside any section; Some(keep): inside one, keeping its lines or not.
+    let mut keep: Option<bool> = None;
+    let mut open_line = 0;
+    let mut out = String::with_capacity(src.len());
+    for (n, line) in src.lines().enumerate() {
+        let directive = line.trim().strip_prefix("// #").map(str::trim);
+        let mut emit = keep.unwrap_or(true);
+        match directive {
+            Some(d) if d.starts_with("if ") => {
+                if keep.is_some() {
+                    return Err(format!(
+                        "line {}: nested #if (opened on line {open_line})",
+                        n + 1
+                    ));
+                }
+                keep = Some(match d[3..].trim() {
+                    "f16" => variant.f16,
+                    "subgroups" => variant.subgroups,
+                    other => return Err(format!("line {}: unknown condition '{other}'", n + 1)),
+                });
+                open_line = n + 1;
+                emit = false;
+            }
+            Some("else") => {
+                keep = Some(!keep.ok_or(format!("line {}: #else outside #if", n + 1))?);
+                emit = false;
+            }
+            Some("endif") => {
+                keep.ok_or(format!("line {}: #endif outside #if", n + 1))?;
+                keep = None;
+                emit = false;
+            }
+            _ => {}
+        }
+        if emit {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    match keep {
+        Some(_) => Err(format!("#if on line {open_line} is never closed")),
+        None => Ok(out),
+    }
+}

@@ -1,0 +1,311 @@
+//! Launchers of the transformer ops around the matrix products (wgsl/rmsnorm.wgsl, rope.wgsl,
+//! kv_store.wgsl, attention.wgsl, silu_mul.wgsl, add.wgsl, argmax.wgsl, embed.wgsl). Each records one
+//! dispatch into a compute pass the caller owns; buffers are f32 unless said otherwise, and the KV cache
+//! is u32 words (f16 pairs, or f32 bits for the exact path).
+
+use super::context::Gpu;
+use super::error::{GpuError, Result};
+use super::matrix::{GpuMatrix, Layout};
+use super::shader::Kernel;
+
+/// Attention dimensions of one launch (see wgsl/attention.wgsl).
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionDims {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Keys a query sees (sliding window); 0 = all earlier positions.
+    pub window: usize,
+    /// KV cache in f16 pairs (true) or f32 (false).
+    pub kv_f16: bool,
+}
+
+impl AttentionDims {
+    pub fn q_dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+    pub fn qkv_dim(&self) -> usize {
+        self.q_dim() + 2 * self.kv_dim()
+    }
+}
+
+/// Widest head attention.wgsl holds in workgroup memory.
+const MAX_HEAD_DIM: usize = 256;
+
+fn word(v: usize) -> Result<u32> {
+    u32::try_from(v)
+        .map_err(|_| GpuError::Shape(format!("{v} does not fit a 32-bit kernel parameter")))
+}
+
+impl Gpu {
+    /// One dispatch of `kernel` over `groups` workgroups (2D when over the per-dimension limit).
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        kernel: Kernel,
+        constants: &[(&'static str, f64)],
+        params: &[u32],
+        buffers: &[&wgpu::Buffer],
+        groups: usize,
+    ) -> Result<()> {
+        if groups == 0 {
+            return Ok(());
+        }
+        let params = self.uniform(params)?;
+        let (pipeline, layout) = self.pipeline(kernel, constants)?;
+        let mut all = vec![&params];
+        all.extend_from_slice(buffers);
+        let bind = self.bind(&layout, &all);
+        let (gx, gy) = self.grid(groups as u64)?;
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind, &[]);
+        pass.dispatch_workgroups(gx, gy, 1);
+        Ok(())
+    }
+
+    /// out[t] = weight * x[x_offset + t width ..] / rms, for n rows of `width`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        x: &wgpu::Buffer,
+        x_offset: usize,
+        weight: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        eps: f32,
+        n: usize,
+        width: usize,
+    ) -> Result<()> {
+        if n > self.limits().max_workgroups_per_dim as usize {
+            return Err(GpuError::Shape(format!(
+                "rmsnorm of {n} rows in one launch"
+            )));
+        }
+        let p = [word(width)?, word(n)?, eps.to_bits(), word(x_offset)?];
+        self.launch(pass, Kernel::Rmsnorm, &[], &p, &[x, weight, out], n)
+    }
+
+    /// Rotates q and k heads of n qkv rows in place with cos/sin tables [ctx, half].
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        qkv: &wgpu::Buffer,
+        cos: &wgpu::Buffer,
+        sin: &wgpu::Buffer,
+        dims: &AttentionDims,
+        half: usize,
+        start: usize,
+        n: usize,
+    ) -> Result<()> {
+        let heads = dims.heads + dims.kv_heads;
+        let p = [
+            word(heads)?,
+            word(dims.head_dim)?,
+            word(half)?,
+            word(dims.qkv_dim())?,
+            word(start)?,
+            word(n)?,
+            0,
+            0,
+        ];
+        let groups = (n * heads * half).div_ceil(64);
+        self.launch(pass, Kernel::Rope, &[], &p, &[qkv, cos, sin], groups)
+    }
+
+    /// Copies the k and v parts of n qkv rows into cache rows start..start + n.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_store(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        qkv: &wgpu::Buffer,
+        k_cache: &wgpu::Buffer,
+        v_cache: &wgpu::Buffer,
+        dims: &AttentionDims,
+        start: usize,
+        n: usize,
+    ) -> Result<()> {
+        let p = [
+            word(dims.q_dim())?,
+            word(dims.kv_dim())?,
+            word(dims.qkv_dim())?,
+            word(start)?,
+            word(n)?,
+            0,
+            0,
+            0,
+        ];
+        let groups = (n * dims.kv_dim() / 2).div_ceil(64);
+        let c = [("KV_F16", dims.kv_f16 as u32 as f64)];
+        self.launch(
+            pass,
+            Kernel::KvStore,
+            &c,
+            &p,
+            &[qkv, k_cache, v_cache],
+            groups,
+        )
+    }
+
+    /// Causal grouped-query attention of n query rows (positions start..start + n) over the cache.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        qkv: &wgpu::Buffer,
+        k_cache: &wgpu::Buffer,
+        v_cache: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        dims: &AttentionDims,
+        start: usize,
+        n: usize,
+    ) -> Result<()> {
+        if dims.head_dim > MAX_HEAD_DIM || !dims.head_dim.is_multiple_of(2) {
+            return Err(GpuError::Shape(format!(
+                "attention.wgsl takes even head dimensions up to {MAX_HEAD_DIM}, not {}",
+                dims.head_dim
+            )));
+        }
+        if dims.kv_heads == 0 || !dims.heads.is_multiple_of(dims.kv_heads) {
+            return Err(GpuError::Shape(format!(
+                "{} query heads cannot share {} kv heads",
+                dims.heads, dims.kv_heads
+            )));
+        }
+        let groups = n * dims.heads;
+        if groups > self.limits().max_workgroups_per_dim as usize {
+            return Err(GpuError::Shape(format!(
+                "attention over {groups} (row, head) pairs in one launch"
+            )));
+        }
+        let scale = 1.0 / (dims.head_dim as f32).sqrt();
+        let p = [
+            word(dims.heads)?,
+            word(dims.kv_heads)?,
+            word(dims.head_dim)?,
+            word(dims.qkv_dim())?,
+            word(dims.kv_dim())?,
+            word(start)?,
+            word(n)?,
+            word(dims.window)?,
+            scale.to_bits(),
+            0,
+            0,
+            0,
+        ];
+        let c = [("KV_F16", dims.kv_f16 as u32 as f64)];
+        self.launch(
+            pass,
+            Kernel::Attention,
+            &c,
+            &p,
+            &[qkv, k_cache, v_cache, out],
+            groups,
+        )
+    }
+
+    /// out[t][i] = silu(gate_up[t][i]) * gate_up[t][width + i].
+    pub fn silu_mul(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        gate_up: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        width: usize,
+        n: usize,
+    ) -> Result<()> {
+        let p = [word(width)?, word(n)?, 0, 0];
+        self.launch(
+            pass,
+            Kernel::SiluMul,
+            &[],
+            &p,
+            &[gate_up, out],
+            (n * width).div_ceil(256),
+        )
+    }
+
+    /// x[..len] += y[..len].
+    pub fn add(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        len: usize,
+    ) -> Result<()> {
+        let p = [word(len)?, 0, 0, 0];
+        self.launch(pass, Kernel::Add, &[], &p, &[x, y], len.div_ceil(256))
+    }
+
+    /// token[0] = argmax of logits[offset..offset + len] (lowest index on ties).
+    pub fn argmax(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        logits: &wgpu::Buffer,
+        offset: usize,
+        len: usize,
+        token: &wgpu::Buffer,
+    ) -> Result<()> {
+        let p = [word(len)?, word(offset)?, 0, 0];
+        self.launch(pass, Kernel::Argmax, &[], &p, &[logits, token], 1)
+    }
+
+    /// out[out_offset..][..cols] = row `row` of a dense table (f32, f16 or q4), as f32.
+    pub fn embed(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        table: &GpuMatrix,
+        row: usize,
+        out: &wgpu::Buffer,
+        out_offset: usize,
+    ) -> Result<()> {
+        if row >= table.rows {
+            return Err(GpuError::Shape(format!(
+                "row {row} of a table of {} rows",
+                table.rows
+            )));
+        }
+        let Some(chunk) = table
+            .chunks
+            .iter()
+            .find(|c| (c.row0..c.row0 + c.rows).contains(&row))
+        else {
+            return Err(GpuError::Shape(format!("no chunk holds row {row}")));
+        };
+        let local = word(row - chunk.row0)?;
+        let cols = word(table.cols)?;
+        let (codec, stride, scale_words, group) = match table.layout {
+            Layout::F32 { stride } => (0, stride, 0, 1),
+            Layout::F16 { stride } => (1, stride, 0, 1),
+            Layout::Q4 { group, n32, ns2 } => (2, n32 * 4, ns2, group),
+            Layout::Sparse { .. } => {
+                return Err(GpuError::Shape(
+                    "an embedding table in the sparse codec: convert it with q4, f16 or f32".into(),
+                ))
+            }
+        };
+        let scales = chunk.planes.get(1).unwrap_or(&self.dummy);
+        let p = [
+            local,
+            cols,
+            word(stride)?,
+            word(scale_words)?,
+            word(group)?,
+            word(out_offset)?,
+            0,
+            0,
+        ];
+        let c = [("CODEC", codec as f64)];
+        self.launch(
+            pass,
+            Kernel::Embed,
+            &c,
+            &p,
+            &[&chunk.planes[0], scales, out],
+            table.cols.div_ceil(256),
+        )
+    }
+}

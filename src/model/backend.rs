@@ -1,0 +1,186 @@
+//! The compute a Phi-3 forward pass needs, behind one trait, so the model code never says "CPU" or
+//! "GPU". [`crate::model::cpu_backend::Cpu`] implements it now; the wgpu backend implements the same
+//! trait.
+//!
+//! # Contract: ops are recorded, not run
+//!
+//! A forward pass is a fixed sequence of op calls. A backend may run each op as it is called (the CPU)
+//! or only RECORD it, e.g. as one compute dispatch into a single command buffer per token (the GPU), and
+//! submit at the end. Therefore:
+//! - Ops return nothing and never read results back; bad shapes are the caller's bug (the model checks
+//!   its inputs before the pass), and device failures surface at the next [`Backend::sample`] or
+//!   [`Backend::read`].
+//! - Only [`Backend::sample`] and [`Backend::read`] end a pass: they submit what was recorded and wait.
+//!   In generation the sampled token id is the only value that comes back per token. A GPU backend runs
+//!   greedy sampling on the device; for temperature / top-k / top-p it may read back the one row of
+//!   logits and run [`Sampler`] on the host. [`Backend::read`] is for tests and logit dumps.
+//! - Host data goes in only through arguments known before the pass (token ids, positions), written
+//!   with the commands, never computed from a previous op's output on the host.
+//!
+//! # Layouts
+//!
+//! Activations are f32, row-major `[n, width]`, one row per position; the positions of a call are
+//! `start..start + n`. Buffers may be longer than an op uses (they are sized for the largest batch).
+//! `qkv` rows are `[q_dim | kv_dim | kv_dim]` as qkv_proj produces them; K and V caches are
+//! `[ctx, kv_dim]` per layer, row = position.
+
+use super::config::Config;
+use super::error::Result;
+use super::sampler::Sampler;
+use crate::format::Tensor;
+
+/// Attention dimensions, fixed for a model and context size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Leading dimensions of each q/k head that RoPE rotates (rotate-half pairs i and i + rotary_dim/2).
+    pub rotary_dim: usize,
+    /// Positions a query sees: keys in (pos - window, pos]; `None` = all earlier positions.
+    pub window: Option<usize>,
+    /// Rows of the KV cache and of the RoPE tables.
+    pub ctx: usize,
+}
+
+impl AttentionShape {
+    pub fn new(config: &Config, ctx: usize) -> Self {
+        Self {
+            heads: config.num_attention_heads,
+            kv_heads: config.num_key_value_heads,
+            head_dim: config.head_dim,
+            rotary_dim: config.rotary_dim(),
+            window: config.sliding_window,
+            ctx,
+        }
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    pub fn qkv_dim(&self) -> usize {
+        self.q_dim() + 2 * self.kv_dim()
+    }
+
+    /// First key position that query position `pos` attends to.
+    pub fn first_key(&self, pos: usize) -> usize {
+        self.window.map_or(0, |w| (pos + 1).saturating_sub(w))
+    }
+}
+
+pub trait Backend {
+    /// An f32 buffer (CPU: `Vec<f32>`; GPU: a storage buffer).
+    type Buffer;
+    /// A weight matrix in the backend's form of its codec (CPU: the host [`Tensor`]).
+    type Matrix;
+
+    /// Adapter / device description for reports.
+    fn name(&self) -> String;
+
+    /// Takes a host weight matrix (CPU: as is; GPU: uploads its planes).
+    fn matrix(&mut self, host: Tensor) -> Result<Self::Matrix>;
+    /// A buffer holding `values`.
+    fn buffer(&mut self, values: &[f32]) -> Result<Self::Buffer>;
+    /// A buffer of `len` values whose contents are undefined until an op writes them.
+    fn scratch(&mut self, len: usize) -> Result<Self::Buffer>;
+
+    /// One layer's K or V cache: `ctx` rows of `kv_dim` values, in whatever precision the backend
+    /// keeps its cache (f32 by default).
+    fn kv_cache(&mut self, ctx: usize, kv_dim: usize) -> Result<Self::Buffer> {
+        self.scratch(ctx * kv_dim)
+    }
+
+    /// The most positions one pass may take (activation buffers are sized for it).
+    fn max_batch(&self) -> usize {
+        usize::MAX
+    }
+
+    /// out[t] = row `tokens[t]` of `table` [vocab, width]. Token ids are < vocab (checked by the model).
+    fn embed(&mut self, table: &Self::Matrix, tokens: &[u32], out: &mut Self::Buffer);
+
+    /// y[t] = W x[t] for t < n: W [rows, cols], x [n, cols], y [n, rows]. The one matrix op.
+    fn matmul(&mut self, w: &Self::Matrix, x: &Self::Buffer, y: &mut Self::Buffer, n: usize);
+
+    /// out[t] = weight * x[t] / sqrt(mean(x[t]^2) + eps) for rows of `width`.
+    fn rmsnorm(
+        &mut self,
+        x: &Self::Buffer,
+        weight: &Self::Buffer,
+        eps: f32,
+        out: &mut Self::Buffer,
+        n: usize,
+        width: usize,
+    );
+
+    /// Rotates the q and k heads of `qkv` rows in place for positions start..start+n, with `cos` and `sin`
+    /// tables [ctx, rotary_dim / 2] (see [`crate::model::rope`]).
+    #[allow(clippy::too_many_arguments)]
+    fn rope(
+        &mut self,
+        qkv: &mut Self::Buffer,
+        cos: &Self::Buffer,
+        sin: &Self::Buffer,
+        shape: &AttentionShape,
+        start: usize,
+        n: usize,
+    );
+
+    /// Copies the k and v parts of `qkv` rows into cache rows start..start+n.
+    fn store_kv(
+        &mut self,
+        qkv: &Self::Buffer,
+        k_cache: &mut Self::Buffer,
+        v_cache: &mut Self::Buffer,
+        shape: &AttentionShape,
+        start: usize,
+        n: usize,
+    );
+
+    /// Causal grouped-query attention: for row t (position p = start + t) and head h, softmax over keys
+    /// first_key(p)..=p of (q . k) / sqrt(head_dim), using kv head h / (heads / kv_heads); the weighted
+    /// sum of values goes to out[t][h * head_dim..]. out is [n, q_dim].
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &mut self,
+        qkv: &Self::Buffer,
+        k_cache: &Self::Buffer,
+        v_cache: &Self::Buffer,
+        out: &mut Self::Buffer,
+        shape: &AttentionShape,
+        start: usize,
+        n: usize,
+    );
+
+    /// out[t][i] = silu(gate_up[t][i]) * gate_up[t][width + i]: rows of gate_up are [2 width].
+    fn silu_mul(&mut self, gate_up: &Self::Buffer, out: &mut Self::Buffer, width: usize, n: usize);
+
+    /// x[..len] += y[..len].
+    fn add(&mut self, x: &mut Self::Buffer, y: &Self::Buffer, len: usize);
+
+    /// dst[dst_offset..][..len] = src[src_offset..][..len].
+    fn copy(
+        &mut self,
+        src: &Self::Buffer,
+        src_offset: usize,
+        dst: &mut Self::Buffer,
+        dst_offset: usize,
+        len: usize,
+    );
+
+    /// Ends the pass: the token `sampler` picks from logits[..vocab] after the tokens in `history`.
+    fn sample(
+        &mut self,
+        logits: &Self::Buffer,
+        vocab: usize,
+        sampler: &mut Sampler,
+        history: &[u32],
+    ) -> Result<u32>;
+
+    /// Ends the pass and reads buf[..len] back (tests, logit dumps).
+    fn read(&mut self, buf: &Self::Buffer, len: usize) -> Result<Vec<f32>>;
+}

@@ -1,0 +1,315 @@
+//! The [`Backend`] on a GPU through wgpu: every op of a pass is recorded as a dispatch into one compute
+//! pass of one command encoder, and the pass is submitted once, at [`Backend::sample`] or
+//! [`Backend::read`], together with the copy of what is read back (4 bytes for a greedy token).
+//!
+//! Op failures (a shape the kernels cannot take, a wgpu error) are kept and returned by the next
+//! `sample` or `read`, as the trait's contract says.
+
+use super::backend::{AttentionShape, Backend};
+use super::error::{ModelError, Result};
+use super::sampler::Sampler;
+use crate::format::Tensor;
+use crate::gpu::{AttentionDims, Gpu, GpuError, GpuMatrix, GpuVector};
+
+pub struct GpuBackend {
+    gpu: Gpu,
+    /// KV cache as f16 pairs (half the memory and traffic) or f32 (the exact path).
+    kv_f16: bool,
+    recording: Option<Recording>,
+    error: Option<GpuError>,
+    /// The greedy token id, written by argmax.wgsl.
+    token: wgpu::Buffer,
+}
+
+/// The command encoder of the pass being recorded, and its open compute pass.
+struct Recording {
+    pass: wgpu::ComputePass<'static>,
+    encoder: wgpu::CommandEncoder,
+}
+
+impl GpuBackend {
+    pub fn new(gpu: Gpu, kv_f16: bool) -> Result<Self> {
+        let token = gpu.zeros(4)?.buffer;
+        Ok(Self {
+            gpu,
+            kv_f16,
+            recording: None,
+            error: None,
+            token,
+        })
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    fn dims(&self, s: &AttentionShape) -> AttentionDims {
+        AttentionDims {
+            heads: s.heads,
+            kv_heads: s.kv_heads,
+            head_dim: s.head_dim,
+            window: s.window.unwrap_or(0),
+            kv_f16: self.kv_f16,
+        }
+    }
+
+    /// Records one launch into the open pass (opening one if needed), keeping the first error.
+    fn record(
+        &mut self,
+        f: impl FnOnce(&Gpu, &mut wgpu::ComputePass<'static>) -> crate::gpu::Result<()>,
+    ) {
+        if self.error.is_some() {
+            return;
+        }
+        let gpu = &self.gpu;
+        let rec = self.recording.get_or_insert_with(|| {
+            let mut encoder = gpu.device().create_command_encoder(&Default::default());
+            let pass = encoder
+                .begin_compute_pass(&Default::default())
+                .forget_lifetime();
+            Recording { pass, encoder }
+        });
+        if let Err(e) = f(gpu, &mut rec.pass) {
+            self.error = Some(e);
+        }
+    }
+
+    /// Closes the open pass and hands back its encoder (a fresh one when nothing was recorded).
+    fn encoder(&mut self) -> wgpu::CommandEncoder {
+        match self.recording.take() {
+            Some(Recording { pass, encoder }) => {
+                drop(pass);
+                encoder
+            }
+            None => self
+                .gpu
+                .device()
+                .create_command_encoder(&Default::default()),
+        }
+    }
+
+    /// Submits everything recorded plus a copy of `bytes` bytes of `buf`, and returns them.
+    fn finish_and_read(&mut self, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+        let encoder = self.encoder();
+        if let Some(e) = self.error.take() {
+            return Err(e.into());
+        }
+        Ok(self.gpu.submit_and_read(encoder, buf, 0, bytes)?)
+    }
+}
+
+/// A view of `len` values of a device buffer (the kernels check lengths against matrix shapes).
+fn view(v: &GpuVector, len: usize) -> GpuVector {
+    GpuVector {
+        buffer: v.buffer.clone(),
+        len,
+    }
+}
+
+impl Backend for GpuBackend {
+    type Buffer = GpuVector;
+    type Matrix = GpuMatrix;
+
+    fn name(&self) -> String {
+        self.gpu.describe()
+    }
+
+    fn matrix(&mut self, host: Tensor) -> Result<GpuMatrix> {
+        Ok(self.gpu.upload(&host)?)
+    }
+
+    fn buffer(&mut self, values: &[f32]) -> Result<GpuVector> {
+        Ok(self.gpu.vector(values)?)
+    }
+
+    fn scratch(&mut self, len: usize) -> Result<GpuVector> {
+        // Zeroed: the matrix kernels read x in whole 64-column blocks, so padding must be zero.
+        Ok(self.gpu.zeros(len)?)
+    }
+
+    fn kv_cache(&mut self, ctx: usize, kv_dim: usize) -> Result<GpuVector> {
+        let len = if self.kv_f16 {
+            ctx * kv_dim / 2
+        } else {
+            ctx * kv_dim
+        };
+        Ok(self.gpu.zeros(len)?)
+    }
+
+    fn max_batch(&self) -> usize {
+        // matvec takes one vector; batched prefill waits for a sparse x dense-batch kernel.
+        1
+    }
+
+    fn embed(&mut self, table: &GpuMatrix, tokens: &[u32], out: &mut GpuVector) {
+        let cols = table.cols;
+        self.record(|gpu, pass| {
+            for (t, &id) in tokens.iter().enumerate() {
+                gpu.embed(pass, table, id as usize, &out.buffer, t * cols)?;
+            }
+            Ok(())
+        });
+    }
+
+    fn matmul(&mut self, w: &GpuMatrix, x: &GpuVector, y: &mut GpuVector, n: usize) {
+        self.record(|gpu, pass| {
+            if n != 1 {
+                return Err(GpuError::Shape(format!(
+                    "matmul of {n} vectors; this backend takes 1"
+                )));
+            }
+            gpu.matvec(pass, w, &view(x, w.cols), &view(y, w.rows), None)
+        });
+    }
+
+    fn rmsnorm(
+        &mut self,
+        x: &GpuVector,
+        weight: &GpuVector,
+        eps: f32,
+        out: &mut GpuVector,
+        n: usize,
+        width: usize,
+    ) {
+        self.record(|gpu, pass| {
+            gpu.rmsnorm(
+                pass,
+                &x.buffer,
+                0,
+                &weight.buffer,
+                &out.buffer,
+                eps,
+                n,
+                width,
+            )
+        });
+    }
+
+    fn rope(
+        &mut self,
+        qkv: &mut GpuVector,
+        cos: &GpuVector,
+        sin: &GpuVector,
+        s: &AttentionShape,
+        start: usize,
+        n: usize,
+    ) {
+        let dims = self.dims(s);
+        self.record(|gpu, pass| {
+            gpu.rope(
+                pass,
+                &qkv.buffer,
+                &cos.buffer,
+                &sin.buffer,
+                &dims,
+                s.rotary_dim / 2,
+                start,
+                n,
+            )
+        });
+    }
+
+    fn store_kv(
+        &mut self,
+        qkv: &GpuVector,
+        k: &mut GpuVector,
+        v: &mut GpuVector,
+        s: &AttentionShape,
+        start: usize,
+        n: usize,
+    ) {
+        let dims = self.dims(s);
+        self.record(|gpu, pass| {
+            gpu.kv_store(pass, &qkv.buffer, &k.buffer, &v.buffer, &dims, start, n)
+        });
+    }
+
+    fn attention(
+        &mut self,
+        qkv: &GpuVector,
+        k: &GpuVector,
+        v: &GpuVector,
+        out: &mut GpuVector,
+        s: &AttentionShape,
+        start: usize,
+        n: usize,
+    ) {
+        let dims = self.dims(s);
+        self.record(|gpu, pass| {
+            gpu.attention(
+                pass,
+                &qkv.buffer,
+                &k.buffer,
+                &v.buffer,
+                &out.buffer,
+                &dims,
+                start,
+                n,
+            )
+        });
+    }
+
+    fn silu_mul(&mut self, gate_up: &GpuVector, out: &mut GpuVector, width: usize, n: usize) {
+        self.record(|gpu, pass| gpu.silu_mul(pass, &gate_up.buffer, &out.buffer, width, n));
+    }
+
+    fn add(&mut self, x: &mut GpuVector, y: &GpuVector, len: usize) {
+        self.record(|gpu, pass| gpu.add(pass, &x.buffer, &y.buffer, len));
+    }
+
+    fn copy(
+        &mut self,
+        src: &GpuVector,
+        src_offset: usize,
+        dst: &mut GpuVector,
+        dst_offset: usize,
+        len: usize,
+    ) {
+        if self.error.is_some() {
+            return;
+        }
+        // A buffer copy cannot sit inside a compute pass: close it, copy, and let the next op open another.
+        let mut encoder = self.encoder();
+        encoder.copy_buffer_to_buffer(
+            &src.buffer,
+            4 * src_offset as u64,
+            &dst.buffer,
+            4 * dst_offset as u64,
+            4 * len as u64,
+        );
+        let pass = encoder
+            .begin_compute_pass(&Default::default())
+            .forget_lifetime();
+        self.recording = Some(Recording { pass, encoder });
+    }
+
+    fn sample(
+        &mut self,
+        logits: &GpuVector,
+        vocab: usize,
+        sampler: &mut Sampler,
+        history: &[u32],
+    ) -> Result<u32> {
+        if sampler.is_greedy() && sampler.config.repeat_penalty == 1.0 {
+            let token = self.token.clone();
+            self.record(|gpu, pass| gpu.argmax(pass, &logits.buffer, 0, vocab, &token));
+            let bytes = self.finish_and_read(&token, 4)?;
+            let id = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            return if (id as usize) < vocab {
+                Ok(id)
+            } else {
+                Err(ModelError::Backend(format!(
+                    "the GPU sampled token {id}, outside the vocabulary of {vocab}"
+                )))
+            };
+        }
+        let bytes = self.finish_and_read(&logits.buffer, 4 * vocab as u64)?;
+        let row: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
+        Ok(sampler.sample(&row, history))
+    }
+
+    fn read(&mut self, buf: &GpuVector, len: usize) -> Result<Vec<f32>> {
+        let bytes = self.finish_and_read(&buf.buffer, 4 * len as u64)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+}

@@ -1,0 +1,383 @@
+//! Every GPU kernel against the CPU reference, on fresh seeded inputs, in every variant the adapter
+//! offers (f16 / f32, subgroups / none), with outputs poisoned with NaN before each launch.
+//!
+//! Tolerance for y = W x: the decoded weights are exact in f32 (an f16 scale times a 5-bit integer), so
+//! the only error is f32 rounding in the sums. Any order of n additions and products is within
+//! gamma(n) = n u / (1 - n u) (u = 2^-24) of the exact value, relative to sum |w_i x_i| (Higham,
+//! Accuracy and Stability of Numerical Algorithms, 3.1). The kernels do at most cols + 64 operations
+//! on any path to one output, so both the GPU and the CPU result must lie within gamma(cols + 64) of
+//! the f64 dot product; a wrong weight, column or scale is off by far more.
+//!
+//! Without an adapter these tests print "skipped: no GPU adapter (reason)" and pass, unless
+//! UPG_REQUIRE_GPU=1 (CI), where they fail.
+
+use half::f16;
+use upg::backend::Backend;
+use upg::cpu::reference;
+use upg::format::{Dense, DenseF16, DenseF32, Q4Matrix, SparseMatrix, Tensor};
+use upg::gpu::{gpu_or_skip, DenseKind, Gpu, GpuError, GpuOptions, GpuVector, LimitOverrides};
+use upg::rng::{test_seed, Rng};
+
+/// One context per variant the adapter offers: (f16, subgroups) in all four combinations.
+fn variants(limits: LimitOverrides) -> Vec<Gpu> {
+    let mut out = Vec::new();
+    for (f16, subgroups) in [(false, false), (true, false), (false, true), (true, true)] {
+        let Some(gpu) = gpu_or_skip(GpuOptions {
+            f16,
+            subgroups,
+            limits,
+            ..GpuOptions::default()
+        }) else {
+            return out;
+        };
+        let f = gpu.features();
+        if f.f16 != f16 || f.subgroups != subgroups {
+            println!(
+                "{}: no variant f16={f16} subgroups={subgroups} (adapter lacks it)",
+                gpu.describe()
+            );
+            continue;
+        }
+        out.push(gpu);
+    }
+    out
+}
+
+/// Odd shapes: one block, a block of fewer than 32 columns, partial blocks, several scale groups,
+/// rows that are not a multiple of the 32-row tile.
+const SHAPES: &[(usize, usize)] = &[(1, 64), (5, 20), (3, 100), (33, 130), (70, 448), (37, 1000)];
+
+fn gamma(n: usize) -> f64 {
+    let nu = n as f64 * 2f64.powi(-24);
+    nu / (1.0 - nu)
+}
+
+/// Exact y = W x (+ r) in f64 from the decoded weights, and the rounding bound per row.
+fn reference_f64(w: &Tensor, x: &[f32], r: Option<&[f32]>) -> (Vec<f64>, Vec<f64>) {
+    let [rows, cols] = w.shape();
+    let mut row = vec![0.0f32; cols];
+    let (mut y, mut tol) = (Vec::new(), Vec::new());
+    for i in 0..rows {
+        w.decode_row(i, &mut row);
+        let res = r.map_or(0.0, |r| r[i] as f64);
+        let dot: f64 = row.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum();
+        let abs: f64 = row
+            .iter()
+            .zip(x)
+            .map(|(&a, &b)| (a as f64 * b as f64).abs())
+            .sum::<f64>()
+            + res.abs();
+        y.push(dot + res);
+        tol.push(gamma(cols + 64) * abs + f64::MIN_POSITIVE);
+    }
+    (y, tol)
+}
+
+fn check(what: &str, got: &[f32], want: &[f64], tol: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, ((&g, &w), &t)) in got.iter().zip(want).zip(tol).enumerate() {
+        assert!(
+            (g as f64 - w).abs() <= t,
+            "{what}: row {i}: got {g}, exact {w}, allowed error {t:e}"
+        );
+    }
+}
+
+fn random_x(rng: &mut Rng, n: usize) -> Vec<f32> {
+    rng.normal_vec(n, 1.0)
+}
+
+/// y = W x (+ r) on the GPU with y poisoned first.
+fn gpu_matvec(gpu: &Gpu, w: &Tensor, x: &[f32], r: Option<&[f32]>) -> Vec<f32> {
+    let m = gpu.upload(w).unwrap();
+    let xv = gpu.vector(x).unwrap();
+    let y = gpu.vector(&vec![f32::NAN; m.rows]).unwrap();
+    let rv: Option<GpuVector> = r.map(|r| gpu.vector(r).unwrap());
+    gpu.run(|pass| gpu.matvec(pass, &m, &xv, &y, rv.as_ref()))
+        .unwrap();
+    gpu.read(&y).unwrap()
+}
+
+fn dense(rng: &mut Rng, rows: usize, cols: usize) -> Vec<f32> {
+    rng.normal_vec(rows * cols, 0.02)
+}
+
+#[test]
+fn spmv_matches_the_reference() {
+    let gpus = variants(LimitOverrides::default());
+    let mut rng = Rng::new(test_seed("spmv_matches_the_reference"));
+    for gpu in &gpus {
+        for &(rows, cols) in SHAPES {
+            for group in [64, 128] {
+                // Both a random matrix and one written by the encoder.
+                let random =
+                    Tensor::Sparse(SparseMatrix::random(rows, cols, group, &mut rng).unwrap());
+                let d = dense(&mut rng, rows, cols);
+                let encoded = Tensor::Sparse(
+                    SparseMatrix::encode(&Dense::f32(rows, cols, &d).unwrap(), group, None)
+                        .unwrap(),
+                );
+                for w in [&random, &encoded] {
+                    let x = random_x(&mut rng, cols);
+                    let (want, tol) = reference_f64(w, &x, None);
+                    let what = format!("{} spmv [{rows}, {cols}] group {group}", gpu.describe());
+                    check(&what, &gpu_matvec(gpu, w, &x, None), &want, &tol);
+                    let mut cpu = vec![f32::NAN; rows];
+                    reference::spmv(w, &x, &mut cpu);
+                    check("cpu reference", &cpu, &want, &tol);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn spmv_fuses_the_residual_add() {
+    let gpus = variants(LimitOverrides::default());
+    let mut rng = Rng::new(test_seed("spmv_fuses_the_residual_add"));
+    for gpu in &gpus {
+        let (rows, cols) = (45, 200);
+        let w = Tensor::Sparse(SparseMatrix::random(rows, cols, 128, &mut rng).unwrap());
+        let x = random_x(&mut rng, cols);
+        let r = random_x(&mut rng, rows);
+        let (want, tol) = reference_f64(&w, &x, Some(&r));
+        check(
+            "y = W x + r",
+            &gpu_matvec(gpu, &w, &x, Some(&r)),
+            &want,
+            &tol,
+        );
+        // In place: y += W x.
+        let m = gpu.upload(&w).unwrap();
+        let (xv, y) = (gpu.vector(&x).unwrap(), gpu.vector(&r).unwrap());
+        gpu.run(|pass| gpu.matvec(pass, &m, &xv, &y, Some(&y)))
+            .unwrap();
+        check("y += W x", &gpu.read(&y).unwrap(), &want, &tol);
+    }
+}
+
+#[test]
+fn dense_gemv_matches_the_reference() {
+    let gpus = variants(LimitOverrides::default());
+    let mut rng = Rng::new(test_seed("dense_gemv_matches_the_reference"));
+    for gpu in &gpus {
+        for &(rows, cols) in SHAPES {
+            let d = dense(&mut rng, rows, cols);
+            let dw = Dense::f32(rows, cols, &d).unwrap();
+            let tensors = [
+                Tensor::F16(DenseF16::encode(&dw).unwrap()),
+                Tensor::F32(DenseF32::encode(&dw).unwrap()),
+                Tensor::Q4(Q4Matrix::encode(&dw, 32).unwrap()),
+                Tensor::Q4(Q4Matrix::encode(&dw, 64).unwrap()),
+            ];
+            for w in &tensors {
+                let x = random_x(&mut rng, cols);
+                let r = random_x(&mut rng, rows);
+                let what = format!("{} {:?} [{rows}, {cols}]", gpu.describe(), w.codec());
+                let (want, tol) = reference_f64(w, &x, None);
+                check(&what, &gpu_matvec(gpu, w, &x, None), &want, &tol);
+                let (want, tol) = reference_f64(w, &x, Some(&r));
+                check(
+                    &format!("{what} + r"),
+                    &gpu_matvec(gpu, w, &x, Some(&r)),
+                    &want,
+                    &tol,
+                );
+            }
+        }
+    }
+}
+
+/// The two f16 values adjacent to `v` (equal when `v` is an f16): WGSL leaves the rounding direction of
+/// an f32 to f16 conversion to the implementation.
+fn f16_neighbours(v: f32) -> [f32; 2] {
+    let h = f16::from_f32(v);
+    if h.to_f32() == v {
+        return [v, v];
+    }
+    let step = |h: f16, up: bool| {
+        let b = h.to_bits();
+        let toward_larger_magnitude = up == (h.to_f32() >= 0.0);
+        f16::from_bits(if toward_larger_magnitude {
+            b + 1
+        } else {
+            b - 1
+        })
+    };
+    let other = step(h, v > h.to_f32());
+    [h.to_f32(), other.to_f32()]
+}
+
+#[test]
+fn decompress_matches_the_reference() {
+    let gpus = variants(LimitOverrides::default());
+    let mut rng = Rng::new(test_seed("decompress_matches_the_reference"));
+    for gpu in &gpus {
+        for &(rows, cols) in SHAPES {
+            let w = Tensor::Sparse(SparseMatrix::random(rows, cols, 128, &mut rng).unwrap());
+            let exact = reference::decompress_f32(&w);
+            let m = gpu.upload(&w).unwrap();
+            for kind in [DenseKind::F32, DenseKind::F16] {
+                let out = gpu.dense_zeros(rows, cols, kind).unwrap();
+                gpu.poison(&out).unwrap();
+                gpu.run(|pass| gpu.decompress(pass, &m, &out)).unwrap();
+                let got = gpu.read_dense(&out).unwrap();
+                for (i, (&g, &e)) in got.iter().zip(&exact).enumerate() {
+                    let ok = match kind {
+                        DenseKind::F32 => g == e,
+                        DenseKind::F16 => f16_neighbours(e).contains(&g),
+                    };
+                    assert!(
+                        ok,
+                        "{} decompress {kind:?} [{rows}, {cols}] at ({}, {}): got {g}, exact {e}",
+                        gpu.describe(),
+                        i / cols,
+                        i % cols
+                    );
+                }
+                // The dense result feeds the dense kernels: its zero padding must be there (NaN
+                // padding times x's zero padding would poison y).
+                let x = random_x(&mut rng, cols);
+                let (xv, y) = (
+                    gpu.vector(&x).unwrap(),
+                    gpu.vector(&vec![f32::NAN; rows]).unwrap(),
+                );
+                gpu.run(|pass| gpu.matvec(pass, &out, &xv, &y, None))
+                    .unwrap();
+                let dense_w = match kind {
+                    DenseKind::F32 => Tensor::F32(DenseF32 {
+                        rows,
+                        cols,
+                        values: got.clone().into(),
+                    }),
+                    DenseKind::F16 => Tensor::F16(DenseF16 {
+                        rows,
+                        cols,
+                        values: got
+                            .iter()
+                            .map(|&v| f16::from_f32(v))
+                            .collect::<Vec<_>>()
+                            .into(),
+                    }),
+                };
+                let (want, tol) = reference_f64(&dense_w, &x, None);
+                check(
+                    "gemv of the decompressed matrix",
+                    &gpu.read(&y).unwrap(),
+                    &want,
+                    &tol,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn lowered_limits_split_bindings_dispatch_in_2d_and_tile_x() {
+    // 64 KiB bindings: the sparse [600, 1000] matrix (256 bytes of codes a row) goes in 3 chunks of
+    // 8 row tiles, and its f16 copy (2000 bytes a row) in 19 chunks. At most 4 workgroups per
+    // dimension: 8 tiles and the 16 decompress workgroups of a chunk need 2D grids. Workgroup memory
+    // for 3 blocks of x: 16 blocks are staged in 6 tiles.
+    let limits = LimitOverrides {
+        max_binding_bytes: Some(64 << 10),
+        max_workgroups_per_dim: Some(4),
+        max_workgroup_storage_bytes: Some(4096 + 3 * 96 * 4),
+    };
+    let gpus = variants(limits);
+    let mut rng = Rng::new(test_seed("lowered_limits"));
+    for gpu in &gpus {
+        let (rows, cols) = (600, 1000);
+        let w = Tensor::Sparse(SparseMatrix::random(rows, cols, 128, &mut rng).unwrap());
+        let m = gpu.upload(&w).unwrap();
+        assert_eq!(m.chunks(), 3);
+        let x = random_x(&mut rng, cols);
+        let (want, tol) = reference_f64(&w, &x, None);
+        check("spmv, split", &gpu_matvec(gpu, &w, &x, None), &want, &tol);
+        let out = gpu.dense_zeros(rows, cols, DenseKind::F16).unwrap();
+        assert!(out.chunks() > 3);
+        gpu.poison(&out).unwrap();
+        gpu.run(|pass| gpu.decompress(pass, &m, &out)).unwrap();
+        let got = gpu.read_dense(&out).unwrap();
+        for (g, e) in got.iter().zip(reference::decompress_f32(&w)) {
+            assert!(
+                f16_neighbours(e).contains(g),
+                "decompress, split: got {g}, exact {e}"
+            );
+        }
+        let d = Tensor::F16(DenseF16 {
+            rows,
+            cols,
+            values: got
+                .iter()
+                .map(|&v| f16::from_f32(v))
+                .collect::<Vec<_>>()
+                .into(),
+        });
+        let (want, tol) = reference_f64(&d, &x, None);
+        check(
+            "gemv_f16, split",
+            &gpu_matvec(gpu, &d, &x, None),
+            &want,
+            &tol,
+        );
+    }
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let Some(gpu) = gpu_or_skip(GpuOptions::default()) else {
+        return;
+    };
+    let mut rng = Rng::new(test_seed("bad_input_gets_a_clear_error"));
+    let mut m = SparseMatrix::random(4, 128, 128, &mut rng).unwrap();
+    // A full block keeping 31 weights: valid for the file, not for the GPU walk.
+    let mut masks = m.masks.to_vec();
+    masks[5] &= masks[5] - 1;
+    m.masks = masks.into();
+    let e = gpu.upload(&Tensor::Sparse(m)).unwrap_err().to_string();
+    assert!(
+        e.contains("row 2, block 1") && e.contains("re-encode"),
+        "{e}"
+    );
+
+    let mut m = SparseMatrix::random(4, 128, 128, &mut rng).unwrap();
+    m.codes = vec![0u8; 3].into();
+    let e = gpu.upload(&Tensor::Sparse(m)).unwrap_err().to_string();
+    assert!(e.contains("codes"), "{e}");
+
+    let w = gpu
+        .upload(&Tensor::Sparse(
+            SparseMatrix::random(4, 128, 128, &mut rng).unwrap(),
+        ))
+        .unwrap();
+    let (x, y) = (gpu.zeros(100).unwrap(), gpu.zeros(4).unwrap());
+    let e = gpu
+        .run(|pass| gpu.matvec(pass, &w, &x, &y, None))
+        .unwrap_err();
+    assert!(matches!(e, GpuError::Shape(_)), "{e}");
+}
+
+#[test]
+fn backend_gives_the_same_results_on_gpu_and_cpu() {
+    if gpu_or_skip(GpuOptions::default()).is_none() {
+        return;
+    }
+    let gpu = Backend::auto().unwrap();
+    assert!(matches!(gpu, Backend::Gpu(_)), "{}", gpu.describe());
+    let mut rng = Rng::new(test_seed("backend_gives_the_same_results"));
+    let (rows, cols) = (50, 300);
+    let w = Tensor::Sparse(SparseMatrix::random(rows, cols, 128, &mut rng).unwrap());
+    let x = random_x(&mut rng, cols);
+    let (want, tol) = reference_f64(&w, &x, None);
+    check("backend GPU", &gpu.matvec(&w, &x).unwrap(), &want, &tol);
+    check(
+        "backend CPU",
+        &Backend::Cpu.matvec(&w, &x).unwrap(),
+        &want,
+        &tol,
+    );
+    assert!(matches!(
+        Backend::Cpu.matvec(&w, &x[1..]),
+        Err(GpuError::Shape(_))
+    ));
+}

@@ -1,0 +1,461 @@
+//! Every op of the model's [`Backend`] trait against a plain f64 implementation written here, on fresh
+//! random inputs, with outputs poisoned (NaN) before the op writes them. The checks are generic over the
+//! backend so that the GPU backend runs the same table. Also: RoPE tables against the published
+//! formulas, and synthetic weights.
+
+mod model_common;
+
+use upg::cpu::{reference, Simd};
+use upg::format::{Codec, Dense, Tensor};
+use upg::model::backend::{AttentionShape, Backend};
+use upg::model::cpu_backend::linear;
+use upg::model::rope::{self, FactorSet, RopeTable};
+use upg::model::weights::encode;
+use upg::model::{synthetic, CodecPlan, Config, Cpu, Phi3, Sampler};
+use upg::rng::{test_seed, Rng};
+
+/// |got - want| <= tol * scale for every element, with a message naming the op and index.
+fn close(op: &str, got: &[f32], want: &[f64], tol: f64, scale: impl Fn(usize) -> f64) {
+    assert_eq!(got.len(), want.len(), "{op}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let bound = tol * scale(i);
+        assert!(
+            (g as f64 - w).abs() <= bound,
+            "{op}: element {i}: got {g}, want {w} (bound {bound:.2e})"
+        );
+    }
+}
+
+/// Reads a backend buffer holding `len` values; poisoned scratch buffers stand for outputs.
+fn poisoned<B: Backend>(b: &mut B, len: usize) -> B::Buffer {
+    b.buffer(&vec![f32::NAN; len]).unwrap()
+}
+
+fn check_matmul<B: Backend>(b: &mut B, rng: &mut Rng) {
+    // Shapes: a row count that is not a multiple of the parallel task size, Phi-like widths, batches.
+    for &(rows, cols, n) in &[(1, 64, 1), (37, 100, 1), (70, 256, 3), (33, 128, 17)] {
+        for codec in [Codec::F32, Codec::F16, Codec::Q4, Codec::Sparse] {
+            let w = rng.normal_vec(rows * cols, 0.1);
+            let t = encode(
+                &Dense::f32(rows, cols, &w).unwrap(),
+                codec,
+                &CodecPlan::exact(),
+            )
+            .unwrap();
+            let decoded = reference::decompress_f32(&t);
+            let x = rng.normal_vec(n * cols, 1.0);
+            let mut want = vec![0.0f64; n * rows];
+            let mut scale = vec![0.0f64; n * rows];
+            for tt in 0..n {
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let p = decoded[r * cols + c] as f64 * x[tt * cols + c] as f64;
+                        want[tt * rows + r] += p;
+                        scale[tt * rows + r] += p.abs();
+                    }
+                }
+            }
+            let m = b.matrix(t).unwrap();
+            let xb = b.buffer(&x).unwrap();
+            let mut y = poisoned(b, n * rows);
+            b.matmul(&m, &xb, &mut y, n);
+            let got = b.read(&y, n * rows).unwrap();
+            // f32 accumulation of `cols` products: error <= cols * eps * sum |products|.
+            close(
+                &format!("matmul {codec:?} [{rows}, {cols}] x {n}"),
+                &got,
+                &want,
+                cols as f64 * f32::EPSILON as f64,
+                |i| scale[i],
+            );
+        }
+    }
+}
+
+fn check_rmsnorm<B: Backend>(b: &mut B, rng: &mut Rng) {
+    let (n, width, eps) = (5, 96, 1e-5f32);
+    let x = rng.normal_vec(n * width, 3.0);
+    let w: Vec<f32> = (0..width).map(|_| rng.range(0.5, 1.5)).collect();
+    let want: Vec<f64> = x
+        .chunks(width)
+        .flat_map(|row| {
+            let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / width as f64;
+            let inv = 1.0 / (ms + eps as f64).sqrt();
+            row.iter()
+                .zip(&w)
+                .map(move |(&v, &g)| v as f64 * inv * g as f64)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let (xb, wb) = (b.buffer(&x).unwrap(), b.buffer(&w).unwrap());
+    let mut out = poisoned(b, n * width);
+    b.rmsnorm(&xb, &wb, eps, &mut out, n, width);
+    close(
+        "rmsnorm",
+        &b.read(&out, n * width).unwrap(),
+        &want,
+        1e-5,
+        |i| want[i].abs() + 1e-3,
+    );
+}
+
+/// A small GQA shape: 4 query heads sharing 2 kv heads, head_dim 16, 12 of them rotated.
+fn attention_shape(window: Option<usize>) -> AttentionShape {
+    AttentionShape {
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 16,
+        rotary_dim: 12,
+        window,
+        ctx: 24,
+    }
+}
+
+fn check_rope<B: Backend>(b: &mut B, rng: &mut Rng) {
+    let s = attention_shape(None);
+    let (start, n, half) = (5, 3, s.rotary_dim / 2);
+    // Angles computed here, in f64, from theta = 500 (cos/sin tables are an input of the op).
+    let angle =
+        |pos: usize, i: usize| pos as f64 / 500f64.powf(2.0 * i as f64 / s.rotary_dim as f64);
+    let cos: Vec<f32> = (0..s.ctx * half)
+        .map(|k| angle(k / half, k % half).cos() as f32)
+        .collect();
+    let sin: Vec<f32> = (0..s.ctx * half)
+        .map(|k| angle(k / half, k % half).sin() as f32)
+        .collect();
+    let qkv = rng.normal_vec(n * s.qkv_dim(), 1.0);
+    let mut want: Vec<f64> = qkv.iter().map(|&v| v as f64).collect();
+    for t in 0..n {
+        // q heads and k heads rotate, v passes; in each head pairs (i, i + half), dims past rotary_dim pass.
+        for h in 0..s.heads + s.kv_heads {
+            let base = t * s.qkv_dim() + h * s.head_dim;
+            for i in 0..half {
+                let (c, sn) = (
+                    cos[(start + t) * half + i] as f64,
+                    sin[(start + t) * half + i] as f64,
+                );
+                let (a, bb) = (qkv[base + i] as f64, qkv[base + i + half] as f64);
+                want[base + i] = a * c - bb * sn;
+                want[base + i + half] = bb * c + a * sn;
+            }
+        }
+    }
+    let (cb, sb) = (b.buffer(&cos).unwrap(), b.buffer(&sin).unwrap());
+    let mut buf = b.buffer(&qkv).unwrap();
+    b.rope(&mut buf, &cb, &sb, &s, start, n);
+    close(
+        "rope",
+        &b.read(&buf, qkv.len()).unwrap(),
+        &want,
+        1e-6,
+        |i| want[i].abs() + 1.0,
+    );
+}
+
+fn check_kv_and_attention<B: Backend>(b: &mut B, rng: &mut Rng) {
+    for window in [None, Some(4)] {
+        let s = attention_shape(window);
+        let (start, n) = (7, 4);
+        let (kvd, qd, hd) = (s.kv_dim(), s.q_dim(), s.head_dim);
+        // Cache rows before `start` hold earlier positions; the new rows come from qkv.
+        let mut k = rng.normal_vec(s.ctx * kvd, 1.0);
+        let mut v = rng.normal_vec(s.ctx * kvd, 1.0);
+        let qkv = rng.normal_vec(n * s.qkv_dim(), 1.0);
+        let (mut kb, mut vb) = (b.buffer(&k).unwrap(), b.buffer(&v).unwrap());
+        let qkvb = b.buffer(&qkv).unwrap();
+        b.store_kv(&qkvb, &mut kb, &mut vb, &s, start, n);
+        for t in 0..n {
+            let row = &qkv[t * s.qkv_dim()..];
+            k[(start + t) * kvd..][..kvd].copy_from_slice(&row[qd..][..kvd]);
+            v[(start + t) * kvd..][..kvd].copy_from_slice(&row[qd + kvd..][..kvd]);
+        }
+        assert_eq!(b.read(&kb, k.len()).unwrap(), k, "store_kv keys");
+        assert_eq!(b.read(&vb, v.len()).unwrap(), v, "store_kv values");
+
+        let mut want = vec![0.0f64; n * qd];
+        for t in 0..n {
+            let pos = start + t;
+            let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            for h in 0..s.heads {
+                let kvh = h / (s.heads / s.kv_heads);
+                let q = &qkv[t * s.qkv_dim() + h * hd..][..hd];
+                let scores: Vec<f64> = (lo..=pos)
+                    .map(|j| {
+                        let kj = &k[j * kvd + kvh * hd..][..hd];
+                        q.iter()
+                            .zip(kj)
+                            .map(|(&a, &c)| a as f64 * c as f64)
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let p = model_common::softmax(&scores);
+                for (jj, j) in (lo..=pos).enumerate() {
+                    for d in 0..hd {
+                        want[t * qd + h * hd + d] += p[jj] * v[j * kvd + kvh * hd + d] as f64;
+                    }
+                }
+            }
+        }
+        let mut out = poisoned(b, n * qd);
+        b.attention(&qkvb, &kb, &vb, &mut out, &s, start, n);
+        close(
+            &format!("attention window {window:?}"),
+            &b.read(&out, n * qd).unwrap(),
+            &want,
+            1e-5,
+            |_| 1.0,
+        );
+    }
+}
+
+fn check_elementwise<B: Backend>(b: &mut B, rng: &mut Rng) {
+    let (n, width) = (3, 40);
+    let gu = rng.normal_vec(n * 2 * width, 2.0);
+    let want: Vec<f64> = gu
+        .chunks(2 * width)
+        .flat_map(|r| {
+            (0..width)
+                .map(|i| {
+                    let g = r[i] as f64;
+                    g / (1.0 + (-g).exp()) * r[width + i] as f64
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let gub = b.buffer(&gu).unwrap();
+    let mut out = poisoned(b, n * width);
+    b.silu_mul(&gub, &mut out, width, n);
+    close(
+        "silu_mul",
+        &b.read(&out, n * width).unwrap(),
+        &want,
+        1e-6,
+        |i| want[i].abs() + 1e-3,
+    );
+
+    let x = rng.normal_vec(50, 1.0);
+    let y = rng.normal_vec(50, 1.0);
+    let (mut xb, yb) = (b.buffer(&x).unwrap(), b.buffer(&y).unwrap());
+    b.add(&mut xb, &yb, 50);
+    let want: Vec<f64> = x
+        .iter()
+        .zip(&y)
+        .map(|(&a, &c)| a as f64 + c as f64)
+        .collect();
+    close("add", &b.read(&xb, 50).unwrap(), &want, 1e-7, |i| {
+        want[i].abs() + 1e-7
+    });
+
+    let mut dst = poisoned(b, 20);
+    b.copy(&yb, 10, &mut dst, 5, 15);
+    let got = b.read(&dst, 20).unwrap();
+    assert_eq!(&got[5..], &y[10..25], "copy");
+    assert!(
+        got[..5].iter().all(|v| v.is_nan()),
+        "copy wrote outside its range"
+    );
+
+    // Embedding rows of a q4 table are its decoded rows.
+    let (vocab, hidden) = (30, 64);
+    let table = encode(
+        &Dense::f32(vocab, hidden, &rng.normal_vec(vocab * hidden, 1.0)).unwrap(),
+        Codec::Q4,
+        &CodecPlan::exact(),
+    )
+    .unwrap();
+    let decoded = reference::decompress_f32(&table);
+    let tokens = [3u32, 29, 0, 3];
+    let m = b.matrix(table).unwrap();
+    let mut out = poisoned(b, tokens.len() * hidden);
+    b.embed(&m, &tokens, &mut out);
+    let got = b.read(&out, tokens.len() * hidden).unwrap();
+    for (t, &tok) in tokens.iter().enumerate() {
+        assert_eq!(
+            &got[t * hidden..][..hidden],
+            &decoded[tok as usize * hidden..][..hidden],
+            "embed token {tok}"
+        );
+    }
+}
+
+#[test]
+fn cpu_ops_match_f64() {
+    let mut rng = Rng::new(test_seed("cpu_ops_match_f64"));
+    let mut cpu = Cpu::new();
+    check_matmul(&mut cpu, &mut rng);
+    check_rmsnorm(&mut cpu, &mut rng);
+    check_rope(&mut cpu, &mut rng);
+    check_kv_and_attention(&mut cpu, &mut rng);
+    check_elementwise(&mut cpu, &mut rng);
+}
+
+#[test]
+fn cpu_ops_match_f64_on_every_simd_path() {
+    let mut rng = Rng::new(test_seed("cpu_ops_match_f64_on_every_simd_path"));
+    for simd in Simd::available() {
+        check_matmul(&mut Cpu::with_simd(simd), &mut rng);
+    }
+}
+
+/// Prefill (a batch) and decoding (one position) must give the same logits: the batched product equals
+/// the single one bit for bit.
+#[test]
+fn cpu_linear_batched_equals_single_bit_for_bit() {
+    let mut rng = Rng::new(test_seed("cpu_linear_batched_equals_single_bit_for_bit"));
+    let (rows, cols, n) = (45, 192, 6);
+    for codec in [Codec::F32, Codec::F16, Codec::Q4, Codec::Sparse] {
+        let w = rng.normal_vec(rows * cols, 0.05);
+        let t = encode(
+            &Dense::f32(rows, cols, &w).unwrap(),
+            codec,
+            &CodecPlan::exact(),
+        )
+        .unwrap();
+        let x = rng.normal_vec(n * cols, 1.0);
+        let mut batched = vec![f32::NAN; n * rows];
+        linear(None, &t, &x, &mut batched, n).unwrap();
+        for tt in 0..n {
+            let mut single = vec![f32::NAN; rows];
+            linear(None, &t, &x[tt * cols..][..cols], &mut single, 1).unwrap();
+            assert_eq!(
+                &batched[tt * rows..][..rows],
+                &single[..],
+                "{codec:?}, input {tt}"
+            );
+        }
+    }
+}
+
+#[test]
+fn cpu_op_failures_surface_at_the_end_of_the_pass() {
+    // A tensor whose planes do not fit its shape: the product fails, `read` reports it.
+    let mut t = encode(
+        &Dense::f32(4, 64, &[0.1; 256]).unwrap(),
+        Codec::F32,
+        &CodecPlan::exact(),
+    )
+    .unwrap();
+    if let Tensor::F32(m) = &mut t {
+        m.rows = 5;
+    }
+    let mut cpu = Cpu::new();
+    let m = cpu.matrix(t).unwrap();
+    let x = cpu.buffer(&[1.0; 64]).unwrap();
+    let mut y = cpu.scratch(5).unwrap();
+    cpu.matmul(&m, &x, &mut y, 1);
+    let err = cpu.read(&y, 5).unwrap_err().to_string();
+    assert!(err.contains("[5, 64]"), "{err}");
+    // Reported once: the next pass starts clean.
+    assert!(cpu.read(&y, 5).is_ok());
+}
+
+// ---------------------------------------------------------------------------------------------------
+// RoPE tables
+
+#[test]
+fn rope_tables_follow_the_published_formulas() {
+    let seed = test_seed("rope_tables_follow_the_published_formulas");
+    let mut rng = Rng::new(seed);
+    let short: Vec<f64> = (0..6).map(|_| rng.range(1.0, 3.0) as f64).collect();
+    let long: Vec<f64> = (0..6).map(|_| rng.range(1.0, 20.0) as f64).collect();
+    let json = format!(
+        r#"{{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "vocab_size": 10, "partial_rotary_factor": 0.75,
+            "max_position_embeddings": 256, "original_max_position_embeddings": 32,
+            "rope_theta": 5000.0, "rope_scaling": {{"type": "longrope",
+            "short_factor": {short:?}, "long_factor": {long:?}}}}}"#
+    );
+    let c = Config::from_json(&json).unwrap();
+    // LongRoPE paper / transformers: s = sqrt(1 + ln(256 / 32) / ln(32)).
+    let s = (1.0 + 8f64.ln() / 32f64.ln()).sqrt();
+    for (set, f) in [(FactorSet::Short, &short), (FactorSet::Long, &long)] {
+        let t = RopeTable::new(&c, set, 40);
+        assert_eq!(t.half, 6);
+        for pos in [0usize, 1, 17, 39] {
+            for (i, fi) in f.iter().enumerate() {
+                let a = pos as f64 / (fi * 5000f64.powf(2.0 * i as f64 / 12.0));
+                let (got_c, got_s) = (t.cos[pos * 6 + i] as f64, t.sin[pos * 6 + i] as f64);
+                assert!(
+                    (got_c - a.cos() * s).abs() < 1e-6,
+                    "{set:?} pos {pos} i {i} cos"
+                );
+                assert!(
+                    (got_s - a.sin() * s).abs() < 1e-6,
+                    "{set:?} pos {pos} i {i} sin"
+                );
+            }
+        }
+    }
+    // Explicit attention_factor and factor override the derived ones.
+    let with = json.replace(
+        r#""type": "longrope","#,
+        r#""type": "longrope", "attention_factor": 1.7,"#,
+    );
+    assert_eq!(
+        rope::attention_scaling(&Config::from_json(&with).unwrap()),
+        1.7
+    );
+    let with = json.replace(
+        r#""type": "longrope","#,
+        r#""type": "longrope", "factor": 1.0,"#,
+    );
+    assert_eq!(
+        rope::attention_scaling(&Config::from_json(&with).unwrap()),
+        1.0
+    );
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Synthetic weights
+
+#[test]
+fn synthetic_weights_are_valid_seeded_and_run() {
+    let seed = test_seed("synthetic_weights_are_valid_seeded_and_run");
+    let c = Config::preset("tiny").unwrap();
+    let plan = CodecPlan::compressed();
+    let w = synthetic(&c, seed, &plan);
+    w.check(&c).unwrap();
+    let all: Vec<&Tensor> = w
+        .layers
+        .iter()
+        .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
+        .chain([&w.embed])
+        .chain(w.lm_head.as_ref())
+        .collect();
+    for t in &all {
+        t.validate().unwrap();
+    }
+    assert_eq!(w.layers[0].qkv.codec(), Codec::Sparse);
+    assert_eq!(w.embed.codec(), Codec::Q4);
+    // Decoded linear weights have about the intended spread, 1 / sqrt(fan_in), half of them zero.
+    for t in [&w.layers[0].gate_up, &w.layers[1].down] {
+        let d = reference::decompress_f32(t);
+        let cols = t.shape()[1];
+        let rms = (d.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / d.len() as f64).sqrt();
+        let want = 1.0 / (cols as f64).sqrt();
+        assert!((rms / want - 1.0).abs() < 0.15, "rms {rms}, want {want}");
+        let zeros = d.iter().filter(|&&v| v == 0.0).count() as f64 / d.len() as f64;
+        assert!((zeros - 0.5).abs() < 1e-9, "zero fraction {zeros}");
+    }
+    // The same seed gives the same model and the same tokens.
+    let run = |w| {
+        let mut m = Phi3::new(c.clone(), w, Cpu::new(), 16).unwrap();
+        let out = m
+            .generate(&[1, 2, 3], 6, &mut Sampler::greedy(), &[], |_| {})
+            .unwrap();
+        assert!(m.logits().unwrap().iter().all(|v| v.is_finite()));
+        out.tokens
+    };
+    let again = synthetic(&c, seed, &plan);
+    assert_eq!(
+        w.layers[1].qkv.stored_bytes(),
+        again.layers[1].qkv.stored_bytes()
+    );
+    let (a, b) = (
+        reference::decompress_f32(&w.layers[1].qkv),
+        reference::decompress_f32(&again.layers[1].qkv),
+    );
+    assert_eq!(a, b);
+    assert_eq!(run(w), run(again));
+}

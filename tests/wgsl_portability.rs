@@ -1,0 +1,278 @@
+//! Every WGSL kernel, in every variant (with and without f16, with and without subgroups), parses,
+//! validates, and translates with naga to SPIR-V (Vulkan), MSL (Metal), HLSL (DX12) and GLSL (GL), so
+//! that a shader that would not build on one backend fails here, on any machine. The f16 variants skip
+//! GLSL: wgpu's GL backend never offers shader-f16, and naga 30's GLSL writer has no 16-bit floats.
+
+use naga::back::pipeline_constants::process_overrides;
+use naga::valid::{
+    Capabilities, ModuleInfo, ShaderStages, SubgroupOperationSet, ValidationFlags, Validator,
+};
+use naga::{AddressSpace, Module, ShaderStage, StorageAccess};
+use upg::gpu::shader::{preprocess, Binding, Kernel, Variant};
+
+/// Override values that the launchers use besides the defaults (largest shapes, every mode).
+fn override_sets(k: Kernel) -> Vec<Vec<(&'static str, f64)>> {
+    match k {
+        Kernel::Spmv => vec![
+            vec![],
+            vec![
+                ("SLICES", 32.0),
+                ("TILE_BLOCKS", 40.0),
+                ("GROUP_BLOCKS", 4.0),
+                ("RESIDUAL", 1.0),
+            ],
+            vec![("SLICES", 1.0), ("TILE_BLOCKS", 1.0), ("RESIDUAL", 2.0)],
+        ],
+        Kernel::Decompress => vec![vec![], vec![("OUT_F32", 1.0), ("GROUP_BLOCKS", 3.0)]],
+        Kernel::GemvQ4 => vec![vec![], vec![("GROUP_CHUNKS", 2.0), ("RESIDUAL", 1.0)]],
+        Kernel::GemvF16 | Kernel::GemvF32 => vec![vec![], vec![("RESIDUAL", 2.0)]],
+        Kernel::KvStore | Kernel::Attention => vec![vec![], vec![("KV_F16", 0.0)]],
+        Kernel::Embed => vec![vec![], vec![("CODEC", 1.0)], vec![("CODEC", 2.0)]],
+        Kernel::Copy
+        | Kernel::Rmsnorm
+        | Kernel::Rope
+        | Kernel::SiluMul
+        | Kernel::Add
+        | Kernel::Argmax => vec![vec![]],
+    }
+}
+
+/// pack2x16float / unpack2x16float need SHADER_FLOAT16_IN_FLOAT32 (wgpu's downlevel flag
+/// SHADER_F16_IN_F32, which Vulkan, Metal and DX12 always have); the variants add f16 and subgroups.
+fn capabilities(v: Variant) -> Capabilities {
+    let mut c = Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+    if v.f16 {
+        c |= Capabilities::SHADER_FLOAT16;
+    }
+    if v.subgroups {
+        c |= Capabilities::SUBGROUP;
+    }
+    c
+}
+
+fn validate(module: &Module, caps: Capabilities) -> Result<ModuleInfo, String> {
+    Validator::new(ValidationFlags::all(), caps)
+        .subgroup_stages(ShaderStages::COMPUTE)
+        .subgroup_operations(SubgroupOperationSet::all())
+        .validate(module)
+        .map_err(|e| format!("{e:?}"))
+}
+
+fn translate(module: &Module, info: &ModuleInfo, f16: bool) -> Result<(), String> {
+    let ep = "main".to_string();
+    let spv = naga::back::spv::Options {
+        lang_version: (1, 3),
+        ..Default::default()
+    };
+    naga::back::spv::write_vec(
+        module,
+        info,
+        &spv,
+        Some(&naga::back::spv::PipelineOptions {
+            shader_stage: ShaderStage::Compute,
+            entry_point: ep.clone(),
+        }),
+    )
+    .map_err(|e| format!("SPIR-V: {e}"))?;
+
+    let msl = naga::back::msl::Options {
+        lang_version: (2, 4),
+        ..Default::default()
+    };
+    naga::back::msl::write_string(
+        module,
+        info,
+        &msl,
+        &naga::back::msl::PipelineOptions {
+            entry_point: Some((ShaderStage::Compute, ep.clone())),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| format!("MSL: {e}"))?;
+
+    let hlsl = naga::back::hlsl::Options {
+        shader_model: naga::back::hlsl::ShaderModel::V6_2,
+        ..Default::default()
+    };
+    let pipeline = naga::back::hlsl::PipelineOptions {
+        entry_point: Some((ShaderStage::Compute, ep.clone())),
+    };
+    let mut out = String::new();
+    naga::back::hlsl::Writer::new(&mut out, &hlsl, &pipeline)
+        .write(module, info, None)
+        .map_err(|e| format!("HLSL: {e}"))?;
+
+    if f16 {
+        return Ok(());
+    }
+    let glsl = naga::back::glsl::Options {
+        version: naga::back::glsl::Version::Desktop(450),
+        ..Default::default()
+    };
+    let mut out = String::new();
+    naga::back::glsl::Writer::new(
+        &mut out,
+        module,
+        info,
+        &glsl,
+        &naga::back::glsl::PipelineOptions {
+            shader_stage: ShaderStage::Compute,
+            entry_point: ep,
+            multiview: None,
+        },
+        naga::proc::BoundsCheckPolicies::default(),
+    )
+    .and_then(|mut w| w.write().map(|_| ()))
+    .map_err(|e| format!("GLSL: {e}"))?;
+    Ok(())
+}
+
+#[test]
+fn every_kernel_variant_translates_to_every_backend() {
+    for k in Kernel::ALL {
+        for v in Variant::ALL {
+            let src = k.variant_source(v).unwrap();
+            let module = naga::front::wgsl::parse_str(&src)
+                .unwrap_or_else(|e| panic!("{} {v:?}: {}", k.file(), e.emit_to_string(&src)));
+            let info = validate(&module, capabilities(v))
+                .unwrap_or_else(|e| panic!("{} {v:?}: {e}", k.file()));
+            for set in override_sets(k) {
+                let constants = set.iter().map(|&(n, x)| (n.to_string(), x)).collect();
+                let (m, i) = process_overrides(
+                    &module,
+                    &info,
+                    Some((ShaderStage::Compute, "main")),
+                    &constants,
+                )
+                .unwrap_or_else(|e| panic!("{} {v:?} {set:?}: {e}", k.file()));
+                translate(&m, &i, v.f16)
+                    .unwrap_or_else(|e| panic!("{} {v:?} {set:?}: {e}", k.file()));
+            }
+        }
+    }
+}
+
+#[test]
+fn variants_without_a_feature_do_not_need_it() {
+    // The f32 / non-subgroup builds must validate on an adapter that has neither feature.
+    for k in Kernel::ALL {
+        let plain = k.variant_source(Variant::default()).unwrap();
+        let module = naga::front::wgsl::parse_str(&plain).unwrap();
+        validate(&module, capabilities(Variant::default()))
+            .unwrap_or_else(|e| panic!("{}: {e}", k.file()));
+        assert!(
+            !plain.contains("f16") || !plain.contains("enable f16"),
+            "{}",
+            k.file()
+        );
+    }
+}
+
+#[test]
+fn every_wgsl_file_is_a_registered_kernel() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("wgsl");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".wgsl"))
+        .collect();
+    files.sort();
+    let mut known: Vec<String> = Kernel::ALL.iter().map(|k| k.file().to_string()).collect();
+    known.sort();
+    assert_eq!(files, known);
+    for k in Kernel::ALL {
+        let on_disk = std::fs::read_to_string(dir.join(k.file())).unwrap();
+        assert_eq!(
+            on_disk,
+            k.source(),
+            "{} differs from the compiled-in source",
+            k.file()
+        );
+    }
+}
+
+#[test]
+fn headers_name_what_the_kernel_needs() {
+    for k in Kernel::ALL {
+        let header: String = k
+            .source()
+            .lines()
+            .take_while(|l| l.starts_with("//"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let name = k.file().trim_end_matches(".wgsl");
+        assert!(
+            header.starts_with(&format!("// {name}:")),
+            "{} must start with '// {name}: what it computes'",
+            k.file()
+        );
+        for word in ["Bindings", "Workgroup", "Dispatch", "Features"] {
+            assert!(
+                header.contains(word),
+                "{} header does not say '{word}'",
+                k.file()
+            );
+        }
+    }
+}
+
+#[test]
+fn binding_tables_match_the_shaders() {
+    for k in Kernel::ALL {
+        let src = k.variant_source(Variant::default()).unwrap();
+        let module = naga::front::wgsl::parse_str(&src).unwrap();
+        let mut found: Vec<(u32, Binding)> = module
+            .global_variables
+            .iter()
+            .filter_map(|(_, g)| {
+                let b = g.binding.as_ref()?;
+                assert_eq!(b.group, 0, "{}: group {}", k.file(), b.group);
+                let kind = match g.space {
+                    AddressSpace::Uniform => Binding::Uniform,
+                    AddressSpace::Storage { access } if access.contains(StorageAccess::STORE) => {
+                        Binding::ReadWrite
+                    }
+                    AddressSpace::Storage { .. } => Binding::Read,
+                    other => panic!("{}: binding {} in {other:?}", k.file(), b.binding),
+                };
+                Some((b.binding, kind))
+            })
+            .collect();
+        found.sort_by_key(|f| f.0);
+        let want: Vec<(u32, Binding)> = k
+            .bindings()
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| (i as u32, b))
+            .collect();
+        assert_eq!(found, want, "{}", k.file());
+    }
+}
+
+#[test]
+fn preprocessor_keeps_one_side_and_reports_mistakes() {
+    let src = "a\n// #if f16\nb\n// #else\nc\n// #endif\nd\n";
+    let on = preprocess(
+        src,
+        Variant {
+            f16: true,
+            subgroups: false,
+        },
+    )
+    .unwrap();
+    let off = preprocess(src, Variant::default()).unwrap();
+    assert_eq!(on, "a\n\nb\n\n\n\nd\n");
+    assert_eq!(off, "a\n\n\n\nc\n\nd\n");
+    assert!(preprocess("// #if f16\n", Variant::default())
+        .unwrap_err()
+        .contains("never closed"));
+    assert!(preprocess("// #if f17\n// #endif\n", Variant::default())
+        .unwrap_err()
+        .contains("f17"));
+    assert!(preprocess("// #endif\n", Variant::default()).is_err());
+    assert!(
+        preprocess("// #if f16\n// #if subgroups\n", Variant::default())
+            .unwrap_err()
+            .contains("nested")
+    );
+}
