@@ -34,6 +34,10 @@ const SLOT: usize = 64;
 const FRONT: usize = 16;
 /// Bytes after the last slot a chunk load may touch: a corrupt mask can put `half` at 64.
 const BACK: usize = 2 * SLOT;
+/// Chunk descriptors keep a source offset in 19 bits: rows of up to 8190 blocks (524 160 columns).
+/// Wider sparse rows take the scalar path.
+pub const MAX_BLOCKS: usize = ((1 << 19) - BACK) / SLOT - 1;
+const OFFSET_MASK: u32 = (1 << 19) - 1;
 
 /// `acc[k % 4] += w * x`, with constant register indices after inlining.
 #[inline]
@@ -221,15 +225,17 @@ fn for_each_row(w: &Tensor, r0: usize, n: usize, mut body: impl FnMut(usize, &Sc
     }
 }
 
-/// Per-chunk source offsets of a sparse row: for chunk `j` of block `b`, the u32
-/// `half | (32 mb) << 16`, where `half` counts the block's kept columns before column `8 j + 4` (the
-/// chunk's source starts at `32 b + half` in the expanded-code buffer) and `32 mb` is the byte offset
-/// of the mask byte's [`SPLIT`] entry. Computing them for the whole row with vector popcounts
-/// (nibble table, then a prefix sum inside each u64) leaves the chunk loop no integer work but two
-/// extracts. `out` holds 8 per block, rounded up to 4 blocks.
+/// Per-chunk sources of a sparse row: for chunk `j` of block `b`, the u32 `off | mb << 24`, where
+/// `off = SLOT b + half` is the chunk's source in the expanded-code buffer (`half` counts the block's
+/// kept columns before column `8 j + 4`; the block's codes start at `FRONT = 16` in its slot and
+/// the source 16 bytes before `half`) and `mb` is the mask byte. The chunk loop takes
+/// `d & OFFSET_MASK` as the source and `d >> 19 = 32 mb` as the byte offset of the [`SPLIT`] entry:
+/// two integer operations and two-register addresses. Computing them for the whole row with vector
+/// popcounts (nibble table, then a prefix sum inside each u64) keeps the rest out of the chunk loop.
+/// `out` holds 8 per block, rounded up to 4 blocks; at most [`MAX_BLOCKS`] blocks.
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn chunk_descriptors(masks: &[u64], out: &mut [u32]) {
-    assert!(out.len() >= masks.len().next_multiple_of(4) * 8);
+    assert!(out.len() >= masks.len().next_multiple_of(4) * 8 && masks.len() <= MAX_BLOCKS);
     let pop4 = _mm256_setr_epi8(
         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3,
         3, 4,
@@ -254,21 +260,31 @@ fn chunk_descriptors(masks: &[u64], out: &mut [u32]) {
         incl = _mm256_add_epi8(incl, _mm256_slli_epi64::<16>(incl));
         incl = _mm256_add_epi8(incl, _mm256_slli_epi64::<32>(incl));
         let half = _mm256_sub_epi8(incl, high);
-        // 32 mb as a little-endian u16: low byte (mb << 5) & 0xE0, high byte mb >> 3.
-        let lut_lo = _mm256_and_si256(_mm256_slli_epi16::<5>(v), _mm256_set1_epi8(0xE0u8 as i8));
-        let lut_hi = _mm256_and_si256(_mm256_srli_epi16::<3>(v), _mm256_set1_epi8(0x1F));
         let zero = _mm256_setzero_si256();
+        // u16 lanes `half` and `mb << 8`, then u32 lanes `half | mb << 24`.
         let (h0, h1) = (
             _mm256_unpacklo_epi8(half, zero),
             _mm256_unpackhi_epi8(half, zero),
         );
-        let (l0, l1) = (
-            _mm256_unpacklo_epi8(lut_lo, lut_hi),
-            _mm256_unpackhi_epi8(lut_lo, lut_hi),
+        let (l0, l1) = (_mm256_unpacklo_epi8(zero, v), _mm256_unpackhi_epi8(zero, v));
+        // Unpacks stay inside 128-bit lanes: lane 0 holds blocks 0 and 1, lane 1 blocks 2 and 3, so
+        // `a`, `b` hold blocks 4q and 4q + 2 (chunks 0-3, 4-7), `c`, `d` blocks 4q + 1 and 4q + 3.
+        let slot = |k: i32| (SLOT * 4 * q) as i32 + SLOT as i32 * k;
+        let even = _mm256_setr_epi32(
+            slot(0),
+            slot(0),
+            slot(0),
+            slot(0),
+            slot(2),
+            slot(2),
+            slot(2),
+            slot(2),
         );
-        // Unpacks stay inside 128-bit lanes: lane 0 holds blocks 0 and 1, lane 1 blocks 2 and 3.
-        let (a, b) = (_mm256_unpacklo_epi16(h0, l0), _mm256_unpackhi_epi16(h0, l0));
-        let (c, d) = (_mm256_unpacklo_epi16(h1, l1), _mm256_unpackhi_epi16(h1, l1));
+        let odd = _mm256_add_epi32(even, _mm256_set1_epi32(SLOT as i32));
+        let a = _mm256_add_epi32(_mm256_unpacklo_epi16(h0, l0), even);
+        let b = _mm256_add_epi32(_mm256_unpackhi_epi16(h0, l0), even);
+        let c = _mm256_add_epi32(_mm256_unpacklo_epi16(h1, l1), odd);
+        let d = _mm256_add_epi32(_mm256_unpackhi_epi16(h1, l1), odd);
         let p = dst.as_mut_ptr() as *mut __m256i;
         // SAFETY: `dst` holds 32 u32, four 32-byte stores.
         unsafe {
@@ -293,25 +309,20 @@ fn for_sparse_chunks(
     assert!(row.scales.len() * blocks_per_group >= blocks);
     let table = SPLIT.0.as_ptr() as *const u8;
     let bytes = row.bytes.bytes().as_ptr();
-    let mut b = 0;
+    let mut descs = row.chunks[..blocks * 8].chunks_exact(8).enumerate();
     for s in &row.scales {
         let s128 = _mm256_set1_ps(s[0]);
         let s144 = _mm256_set1_ps(s[1]);
-        let end = (b + blocks_per_group).min(blocks);
-        while b < end {
-            // The block's codes start at FRONT = 16 in its slot, a chunk's source 16 bytes before
-            // its `half`.
-            let slot = bytes.wrapping_add(SLOT * b);
-            for j in 0..8 {
-                let d = row.chunks[8 * b + j];
-                // SAFETY: `half <= 64` (8 bytes of mask), so the 32 bytes read stay inside the
-                // length asserted above; the table offset is that of one of its 256 entries.
+        for (b, desc) in descs.by_ref().take(blocks_per_group) {
+            for (j, &d) in desc.iter().enumerate() {
+                // SAFETY: `off <= SLOT b + 64` (`half` counts 8 bytes of mask at most), so the 32
+                // bytes read stay inside the length asserted above; `d >> 19` is the offset of one
+                // of the table's 256 entries.
                 sink(8 * b + j, unsafe {
-                    let src = slot.add((d & 0xFFFF) as usize);
-                    chunk(src, table.add((d >> 16) as usize), s128, s144)
+                    let src = bytes.add((d & OFFSET_MASK) as usize);
+                    chunk(src, table.add((d >> 19) as usize), s128, s144)
                 });
             }
-            b += 1;
         }
     }
 }
@@ -436,6 +447,9 @@ unsafe fn dot_f16(h: &[f16], x: *const f32) -> f32 {
 /// [`available`] must be true.
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 pub unsafe fn spmv_rows(w: &Tensor, r0: usize, x: &[f32], y: &mut [f32]) {
+    if too_wide(w) {
+        return scalar::spmv_rows(w, r0, x, y);
+    }
     let cols = w.shape()[1];
     let xp = x.as_ptr();
     match w {
@@ -470,56 +484,40 @@ pub unsafe fn spmv_rows(w: &Tensor, r0: usize, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// Decodes prepared row `r` of a sparse or q4 tensor through `store(c, w)` per chunk; returns
-/// false (decoding nothing) for dense tensors and rows with a zero scale, which the scalar decoder
-/// handles.
+/// Sparse rows wider than the chunk descriptors can address (see [`MAX_BLOCKS`]).
+fn too_wide(w: &Tensor) -> bool {
+    matches!(w, Tensor::Sparse(m) if m.blocks_per_row() > MAX_BLOCKS)
+}
+
+/// Columns a prepared row decodes to: whole blocks (sparse) or whole q4 groups.
+fn decoded_width(w: &Tensor) -> usize {
+    match w {
+        Tensor::Sparse(m) => m.blocks_per_row() * BLOCK,
+        Tensor::Q4(m) => Q4Matrix::padded_cols(m.cols, m.group),
+        _ => 0,
+    }
+}
+
+/// Decodes prepared row `r` into `out[..decoded_width]` with whole-chunk stores (zero past `cols`
+/// for sparse rows, whose padding is pruned; q4 padding is garbage the caller must not keep).
+/// Returns false, writing nothing, for dense tensors and rows with a zero scale, which the scalar
+/// decoder handles.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
-fn decode_prepared(w: &Tensor, row: &Scratch, store: impl FnMut(usize, __m256)) -> bool {
-    if row.zero_scale {
+fn decode_prepared(w: &Tensor, row: &Scratch, out: &mut [f32]) -> bool {
+    if row.zero_scale || !matches!(w, Tensor::Sparse(_) | Tensor::Q4(_)) {
         return false;
     }
+    assert!(out.len() >= decoded_width(w));
+    let o = out.as_mut_ptr();
+    // SAFETY: every chunk index is below decoded_width / 8, inside `out` (asserted).
+    let store = |c: usize, wv: __m256| unsafe { _mm256_storeu_ps(o.add(CHUNK * c), wv) };
     match w {
         Tensor::Sparse(m) => for_sparse_chunks(row, m.blocks_per_row(), m.group / BLOCK, store),
         Tensor::Q4(m) => for_q4_chunks(row, m.group, store),
-        _ => return false,
+        _ => unreachable!(),
     }
     true
-}
-
-/// Stores decoded chunk `c` of a row into `out` (the row, `out.len()` columns), clipping the last one.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,popcnt")]
-fn store_chunk(out: &mut [f32], c: usize, w: __m256) {
-    let o = CHUNK * c;
-    if o + CHUNK <= out.len() {
-        // SAFETY: 8 values fit at `o`.
-        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(o), w) };
-    } else if o < out.len() {
-        let mut tmp = [0.0f32; CHUNK];
-        // SAFETY: `tmp` holds 8 values.
-        unsafe { _mm256_storeu_ps(tmp.as_mut_ptr(), w) };
-        let n = out.len() - o;
-        out[o..].copy_from_slice(&tmp[..n]);
-    }
-}
-
-/// As [`store_chunk`], rounding to f16.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,popcnt")]
-fn store_chunk_f16(out: &mut [f16], c: usize, w: __m256) {
-    let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(w);
-    let o = CHUNK * c;
-    if o + CHUNK <= out.len() {
-        // SAFETY: 8 values fit at `o`.
-        unsafe { _mm_storeu_si128(out.as_mut_ptr().add(o) as *mut __m128i, h) };
-    } else if o < out.len() {
-        let mut tmp = [f16::ZERO; CHUNK];
-        // SAFETY: `tmp` holds 8 values.
-        unsafe { _mm_storeu_si128(tmp.as_mut_ptr() as *mut __m128i, h) };
-        let n = out.len() - o;
-        out[o..].copy_from_slice(&tmp[..n]);
-    }
 }
 
 /// Copies `src` to `dst` (same length) with 32-byte streaming stores, which write whole lines to
@@ -541,33 +539,35 @@ fn stream_copy(dst: &mut [u8], src: &[u8]) {
 }
 
 /// Rows `r0..` of `w` into `out`, `stride` values per row (`cols` or the 64-padded width; zero past
-/// `cols`). Bit-identical to the reference decoder. With `stream`, each row is decoded into a
-/// line-aligned buffer that stays in L1 and then streamed out ([`stream_copy`]).
+/// `cols`). Bit-identical to the reference decoder. Each row is decoded into a line-aligned buffer
+/// that stays in L1, then copied out; with `stream`, by [`stream_copy`].
 ///
 /// # Safety
 /// [`available`] must be true.
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 pub unsafe fn decode_rows(w: &Tensor, r0: usize, out: &mut [f32], stride: usize, stream: bool) {
+    if too_wide(w) {
+        return scalar::decode_rows(w, r0, out, stride, stream);
+    }
     let cols = w.shape()[1];
-    let rows = out.len() / stride;
-    let mut buf = Lines::zeroed(if stream { stride * 4 } else { 0 });
-    let decode = |i: usize, prepared: &Scratch, row: &mut [f32]| {
-        let (real, pad) = row.split_at_mut(cols);
-        if decode_prepared(w, prepared, |c, wv| store_chunk(real, c, wv)) {
-            pad.fill(0.0);
-        } else {
+    let width = decoded_width(w).max(cols);
+    let mut buf = Lines::zeroed(width * 4);
+    for_each_row(w, r0, out.len() / stride, |i, prepared| {
+        let dst = &mut out[i * stride..][..stride];
+        let row = &mut buf.f32_mut()[..width];
+        if !decode_prepared(w, prepared, row) {
             scalar::decode_row(w, r0 + i, row);
         }
-    };
-    for_each_row(w, r0, rows, |i, prepared| {
-        let dst = &mut out[i * stride..][..stride];
+        let (real, pad) = dst.split_at_mut(cols);
         if stream {
-            let row = &mut buf.f32_mut()[..stride];
-            decode(i, prepared, row);
-            stream_copy(bytemuck::cast_slice_mut(dst), bytemuck::cast_slice(row));
+            stream_copy(
+                bytemuck::cast_slice_mut(real),
+                bytemuck::cast_slice(&row[..cols]),
+            );
         } else {
-            decode(i, prepared, dst);
+            real.copy_from_slice(&row[..cols]);
         }
+        pad.fill(0.0);
     });
     // Streaming stores are weakly ordered: make them visible before the caller's join says done.
     _mm_sfence();
@@ -580,42 +580,41 @@ pub unsafe fn decode_rows(w: &Tensor, r0: usize, out: &mut [f32], stride: usize,
 /// [`available`] must be true.
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 pub unsafe fn decode_rows_f16(w: &Tensor, r0: usize, out: &mut [f16], stream: bool) {
+    if too_wide(w) {
+        return scalar::decode_rows_f16(w, r0, out, stream);
+    }
     let cols = w.shape()[1];
     if let Tensor::F16(m) = w {
         out.copy_from_slice(&m.values[r0 * cols..][..out.len()]);
         return;
     }
-    let mut f32_row = vec![0.0f32; cols];
-    let mut buf = Lines::zeroed(if stream { cols * 2 } else { 0 });
-    let mut decode = |i: usize, prepared: &Scratch, row: &mut [f16]| {
-        if !decode_prepared(w, prepared, |c, wv| store_chunk_f16(row, c, wv)) {
-            scalar::decode_row(w, r0 + i, &mut f32_row);
-            for c in 0..cols.div_ceil(CHUNK) {
-                store_chunk_f16(row, c, load_partial_row(&f32_row, c));
+    let width = decoded_width(w).max(cols).next_multiple_of(CHUNK);
+    let mut buf = Lines::zeroed(width * 4);
+    let mut half = Lines::zeroed(width * 2);
+    for_each_row(w, r0, out.len() / cols, |i, prepared| {
+        let row = &mut buf.f32_mut()[..width];
+        if !decode_prepared(w, prepared, row) {
+            scalar::decode_row(w, r0 + i, row);
+        }
+        let h: &mut [f16] = &mut bytemuck::cast_slice_mut(half.bytes_mut())[..width];
+        for (src, dst) in row.chunks_exact(CHUNK).zip(h.chunks_exact_mut(CHUNK)) {
+            // SAFETY: 8 values each.
+            unsafe {
+                let v = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(src.as_ptr()));
+                _mm_storeu_si128(dst.as_mut_ptr() as *mut __m128i, v);
             }
         }
-    };
-    for_each_row(w, r0, out.len() / cols, |i, prepared| {
         let dst = &mut out[i * cols..][..cols];
         if stream {
-            let row: &mut [f16] = &mut bytemuck::cast_slice_mut(buf.bytes_mut())[..cols];
-            decode(i, prepared, row);
-            stream_copy(bytemuck::cast_slice_mut(dst), bytemuck::cast_slice(row));
+            stream_copy(
+                bytemuck::cast_slice_mut(dst),
+                bytemuck::cast_slice(&h[..cols]),
+            );
         } else {
-            decode(i, prepared, dst);
+            dst.copy_from_slice(&h[..cols]);
         }
     });
     _mm_sfence();
-}
-
-/// Chunk `c` of `row`, zero-filled past its end.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,popcnt")]
-fn load_partial_row(row: &[f32], c: usize) -> __m256 {
-    let o = CHUNK * c;
-    let n = (row.len() - o).min(CHUNK);
-    // SAFETY: `n` values are readable at `o`.
-    unsafe { load_partial(row.as_ptr().add(o), n) }
 }
 
 /// `y[i] = rows[i * stride..][..stride] . x`.
