@@ -1,10 +1,12 @@
 //! AVX2 + FMA + F16C kernels for x86-64, chosen at run time.
 //!
-//! Sparse rows are decoded in two passes. The first rewrites the row's packed codes as one byte per
-//! code ([`expand_codes`]); the second walks the row 8 columns at a time and expands the kept bytes
-//! into their columns with one `vpshufb` (see [`super::lut`]). Expanding the codes a whole row ahead
-//! keeps the second pass's loads away from the stores that produced them: a load that straddles
-//! two recent stores cannot be forwarded and would stall until they retire.
+//! Quantised rows are decoded in two passes. The first ([`Scratch::load`]) rewrites the row's packed
+//! codes as one byte per code in line-aligned slots ([`expand_codes`]), computes each 8-column
+//! chunk's source and table offsets with vector popcounts ([`chunk_descriptors`]) and the scale
+//! pairs. The second walks the row 8 columns at a time: one 32-byte load, one `vpshufb` that puts
+//! each kept code in its column (see [`super::lut`]), an XOR and an FMA for the weights, an FMA into
+//! the accumulators. The first pass runs one row ahead of the second ([`for_each_row`]): a load
+//! that straddles recent stores cannot be forwarded from them and would wait until they retire.
 //!
 //! Every function here is `unsafe` only because it needs the CPU features: callers check
 //! [`available`] first. Slice lengths are checked by the caller (`cpu::check_tensor`) and by the
@@ -36,7 +38,7 @@ const FRONT: usize = 16;
 const BACK: usize = 2 * SLOT;
 /// Chunk descriptors keep a source offset in 19 bits: rows of up to 8190 blocks (524 160 columns).
 /// Wider sparse rows take the scalar path.
-pub const MAX_BLOCKS: usize = ((1 << 19) - BACK) / SLOT - 1;
+const MAX_BLOCKS: usize = ((1 << 19) - BACK) / SLOT - 1;
 const OFFSET_MASK: u32 = (1 << 19) - 1;
 
 /// `acc[k % 4] += w * x`, with constant register indices after inlining.
