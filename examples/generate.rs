@@ -253,6 +253,10 @@ fn decode<B: Backend>(
         let _ = write!(stdout, "{piece}").and_then(|_| stdout.flush());
     })?;
     println!();
+    let stats = model.backend().stats();
+    if !stats.is_empty() {
+        eprintln!("{stats}");
+    }
     if let Some(e) = failed {
         return Err(e.into());
     }

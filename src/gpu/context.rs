@@ -129,7 +129,14 @@ pub struct Gpu {
     uncaptured: Arc<Mutex<Vec<String>>>,
     /// A small zeroed storage buffer bound where a kernel's optional input is not used.
     pub(crate) dummy: wgpu::Buffer,
+    /// Uniform parameter buffers by content, and bind groups by layout and buffers: a forward pass
+    /// repeats the same launches every token, so after the first token it allocates nothing.
+    pub(crate) uniforms: Mutex<HashMap<Vec<u32>, wgpu::Buffer>>,
+    binds: Mutex<HashMap<(wgpu::BindGroupLayout, Vec<wgpu::Buffer>), wgpu::BindGroup>>,
 }
+
+/// Entries each cache keeps before it starts over (a bound on what one-off launches can pin).
+pub(crate) const CACHE_ENTRIES: usize = 4096;
 
 fn rank(t: wgpu::DeviceType) -> u8 {
     match t {
@@ -273,6 +280,8 @@ impl Gpu {
             pipelines: Mutex::default(),
             uncaptured,
             dummy,
+            uniforms: Mutex::new(HashMap::new()),
+            binds: Mutex::new(HashMap::new()),
         })
     }
 
@@ -497,12 +506,23 @@ impl Gpu {
         Ok((p, bgl))
     }
 
-    /// A bind group of whole buffers, binding i = `buffers[i]`.
+    /// A bind group of whole buffers, binding i = `buffers[i]`, made once per layout and buffers.
     pub(crate) fn bind(
         &self,
         layout: &wgpu::BindGroupLayout,
         buffers: &[&wgpu::Buffer],
-    ) -> wgpu::BindGroup {
+    ) -> Result<wgpu::BindGroup> {
+        let key = (
+            layout.clone(),
+            buffers.iter().map(|&b| b.clone()).collect::<Vec<_>>(),
+        );
+        let mut cache = self.binds.lock().map_err(|_| poisoned())?;
+        if let Some(b) = cache.get(&key) {
+            return Ok(b.clone());
+        }
+        if cache.len() >= CACHE_ENTRIES {
+            cache.clear();
+        }
         let entries: Vec<_> = buffers
             .iter()
             .enumerate()
@@ -511,11 +531,13 @@ impl Gpu {
                 resource: b.as_entire_binding(),
             })
             .collect();
-        self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
             layout,
             entries: &entries,
-        })
+        });
+        cache.insert(key, group.clone());
+        Ok(group)
     }
 
     /// Workgroup counts for `groups` workgroups: one dimension while it fits, else two; the kernels

@@ -92,7 +92,7 @@ impl Gpu {
             let mut buffers: Vec<&wgpu::Buffer> = vec![&c.params];
             buffers.extend(&c.planes);
             buffers.extend([&x.buffer, &y.buffer, res]);
-            let bind = self.bind(&layout, &buffers);
+            let bind = self.bind(&layout, &buffers)?;
             let (gx, gy) = self.grid(groups as u64)?;
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &bind, &[]);
@@ -187,7 +187,7 @@ impl Gpu {
                 let mut buffers: Vec<&wgpu::Buffer> = vec![&params];
                 buffers.extend(&i.planes);
                 buffers.push(&o.planes[0]);
-                let bind = self.bind(&layout, &buffers);
+                let bind = self.bind(&layout, &buffers)?;
                 let (gx, gy) = self.grid(units.div_ceil(256) as u64)?;
                 pass.set_pipeline(&pipeline);
                 pass.set_bind_group(0, &bind, &[]);
@@ -218,7 +218,7 @@ impl Gpu {
         let groups = n.div_ceil(1024);
         let params = self.uniform(&[n as u32, groups as u32, 0, 0])?;
         let (pipeline, layout) = self.pipeline(Kernel::Copy, &[])?;
-        let bind = self.bind(&layout, &[&params, src, dst]);
+        let bind = self.bind(&layout, &[&params, src, dst])?;
         let (gx, gy) = self.grid(groups)?;
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &bind, &[]);

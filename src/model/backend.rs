@@ -95,6 +95,11 @@ pub trait Backend {
         self.scratch(ctx * kv_dim)
     }
 
+    /// A line of figures for reports (device memory, launches per pass); empty when there are none.
+    fn stats(&self) -> String {
+        String::new()
+    }
+
     /// The most positions one pass may take (activation buffers are sized for it).
     fn max_batch(&self) -> usize {
         usize::MAX
