@@ -356,16 +356,18 @@ impl Gpu {
     /// Submits and blocks until the GPU is done.
     pub fn submit_and_wait(&self, cmd: wgpu::CommandBuffer) -> Result<()> {
         let index = self.queue.submit([cmd]);
-        self.device
-            .poll(wgpu::PollType::Wait {
-                submission_index: Some(index),
-                timeout: None,
-            })
-            .map_err(|e| GpuError::Wgpu {
-                what: "waiting for the GPU".into(),
-                reason: e.to_string(),
-            })?;
-        self.take_uncaptured("running kernels")
+        let waited = self.device.poll(wgpu::PollType::Wait {
+            submission_index: Some(index),
+            timeout: None,
+        });
+        // A failed submission reports its cause through the uncaptured-error handler, and the wait
+        // only says the index was never submitted: give the cause first.
+        self.take_uncaptured("running kernels")?;
+        waited.map_err(|e| GpuError::Wgpu {
+            what: "waiting for the GPU".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(())
     }
 
     /// Records one compute pass with `f`, submits it and waits.

@@ -98,8 +98,13 @@ impl GpuBackend {
             return;
         }
         if self.start.is_some() {
+            // Waiting keeps at most one pass in flight (thousands of queued prefill passes are
+            // refused by some drivers); a wait costs ~0.1 ms against a pass of several.
             let encoder = self.encoder();
-            self.gpu.queue().submit([encoder.finish()]);
+            if let Err(e) = self.gpu.submit_and_wait(encoder.finish()) {
+                self.error = Some(e);
+                return;
+            }
         }
         if let Err(e) = self.gpu.write_step(&self.step, start) {
             self.error = Some(e);
