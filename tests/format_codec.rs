@@ -10,20 +10,6 @@ use upg::rng::{test_seed, Rng};
 /// with an odd block count, and a Phi-4 width.
 const SHAPES: &[(usize, usize)] = &[(1, 64), (3, 100), (5, 20), (7, 130), (4, 448), (2, 5120)];
 
-fn random_weights(rng: &mut Rng, rows: usize, cols: usize) -> Vec<f32> {
-    // Heavy-ish tails like real weights: a normal core plus occasional outliers.
-    (0..rows * cols)
-        .map(|_| {
-            let w = rng.normal() * 0.02;
-            if rng.below(50) == 0 {
-                w * 8.0
-            } else {
-                w
-            }
-        })
-        .collect()
-}
-
 /// The nearest level of the 4-bit grid to `w` for scale `s`, computed in f64 by trying all 16.
 fn nearest_on_grid(w: f32, s: f32) -> f64 {
     (-15..=15)
@@ -88,7 +74,7 @@ fn check_sparse(m: &SparseMatrix, w: &[f32], norms: Option<&[f32]>) {
 fn sparse_encoder_keeps_the_top_half_and_decodes_to_the_nearest_level() {
     let mut rng = Rng::new(test_seed("sparse_encoder"));
     for &(rows, cols) in SHAPES {
-        let w = random_weights(&mut rng, rows, cols);
+        let w = rng.weights(rows * cols);
         let m = SparseMatrix::encode(&Dense::f32(rows, cols, &w).unwrap(), 128, None).unwrap();
         m.validate().unwrap();
         check_sparse(&m, &w, None);
@@ -99,7 +85,7 @@ fn sparse_encoder_keeps_the_top_half_and_decodes_to_the_nearest_level() {
 fn sparse_encoder_with_activation_norms_ranks_by_wanda_saliency() {
     let mut rng = Rng::new(test_seed("sparse_wanda"));
     for &(rows, cols) in SHAPES {
-        let w = random_weights(&mut rng, rows, cols);
+        let w = rng.weights(rows * cols);
         let norms: Vec<f32> = (0..cols).map(|_| rng.range(0.0, 4.0)).collect();
         let m =
             SparseMatrix::encode(&Dense::f32(rows, cols, &w).unwrap(), 64, Some(&norms)).unwrap();
@@ -116,7 +102,7 @@ fn sparse_encoder_with_activation_norms_ranks_by_wanda_saliency() {
 fn scales_minimise_error_better_than_max_abs() {
     let mut rng = Rng::new(test_seed("scales_minimise_error"));
     let (rows, cols) = (16, 1024);
-    let w = random_weights(&mut rng, rows, cols);
+    let w = rng.weights(rows * cols);
     let m = SparseMatrix::encode(&Dense::f32(rows, cols, &w).unwrap(), 128, None).unwrap();
     let mut decoded = vec![0.0f32; cols];
     let (mut err_best, mut err_maxabs) = (0.0f64, 0.0f64);
@@ -216,7 +202,7 @@ fn non_finite_weights_are_refused_with_their_position() {
 fn dense_codecs_decode_within_their_bounds() {
     let mut rng = Rng::new(test_seed("dense_codecs"));
     for &(rows, cols) in SHAPES {
-        let w = random_weights(&mut rng, rows, cols);
+        let w = rng.weights(rows * cols);
         let d = Dense::f32(rows, cols, &w).unwrap();
         let f = Tensor::F16(DenseF16::encode(&d).unwrap());
         for group in [32, 64] {
@@ -251,7 +237,7 @@ fn phi4_linear_shapes_fit_the_bit_budget() {
     // count the planes' bytes. (rows, cols) as out x in.
     let mut rng = Rng::new(test_seed("phi4_bits"));
     for (rows, cols) in [(7680, 5120), (5120, 5120), (35840, 5120), (5120, 17920)] {
-        let w = random_weights(&mut rng, 4, cols);
+        let w = rng.weights(4 * cols);
         let m = Tensor::Sparse(
             SparseMatrix::encode(&Dense::f32(4, cols, &w).unwrap(), 128, None).unwrap(),
         );

@@ -47,21 +47,8 @@ impl Drop for TempDir {
     }
 }
 
-fn random_weights(rng: &mut Rng, rows: usize, cols: usize) -> Vec<f32> {
-    (0..rows * cols)
-        .map(|_| {
-            let w = rng.normal() * 0.02;
-            if rng.below(50) == 0 {
-                w * 8.0
-            } else {
-                w
-            }
-        })
-        .collect()
-}
-
 fn encode(rng: &mut Rng, codec: Codec, group: usize, rows: usize, cols: usize) -> Tensor {
-    let w = random_weights(rng, rows, cols);
+    let w = rng.weights(rows * cols);
     let d = Dense::f32(rows, cols, &w).unwrap();
     match codec {
         Codec::Sparse => Tensor::Sparse(SparseMatrix::encode(&d, group, None).unwrap()),

@@ -21,6 +21,24 @@ use super::quant::Grid;
 use super::sparse::nibble;
 use super::Dense;
 
+/// The `values` plane of a dense codec must hold exactly rows x cols elements.
+fn check_len(
+    len: usize,
+    rows: usize,
+    cols: usize,
+) -> std::result::Result<(), (&'static str, String)> {
+    if len != rows * cols {
+        return Err((
+            "values",
+            format!(
+                "has {len} elements, shape [{rows}, {cols}] needs {}",
+                rows * cols
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Debug)]
 pub struct DenseF32 {
     pub rows: usize,
@@ -44,19 +62,7 @@ impl DenseF32 {
     }
 
     pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
-        if self.values.len() != self.rows * self.cols {
-            return Err((
-                "values",
-                format!(
-                    "has {} elements, shape [{}, {}] needs {}",
-                    self.values.len(),
-                    self.rows,
-                    self.cols,
-                    self.rows * self.cols
-                ),
-            ));
-        }
-        Ok(())
+        check_len(self.values.len(), self.rows, self.cols)
     }
 
     pub fn decode_row(&self, r: usize, out: &mut [f32]) {
@@ -100,19 +106,7 @@ impl DenseF16 {
     }
 
     pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
-        if self.values.len() != self.rows * self.cols {
-            return Err((
-                "values",
-                format!(
-                    "has {} elements, shape [{}, {}] needs {}",
-                    self.values.len(),
-                    self.rows,
-                    self.cols,
-                    self.rows * self.cols
-                ),
-            ));
-        }
-        Ok(())
+        check_len(self.values.len(), self.rows, self.cols)
     }
 
     pub fn decode_row(&self, r: usize, out: &mut [f32]) {
