@@ -82,8 +82,8 @@ impl Kernel {
     ];
 
     /// Whether every loop of the kernel runs a count fixed before it starts, so that wgpu's loop
-    /// bounding (a counter and a branch per iteration, against GPU hangs) can be left out. On an H100
-    /// it cost spmv's per-weight loop a large share of its time.
+    /// bounding (a counter and a branch per iteration, against GPU hangs) can be left out: on an H100
+    /// it made spmv 25-35% slower (BENCHMARKS.md).
     pub fn loops_end(self) -> bool {
         matches!(self, Kernel::Spmv | Kernel::Decompress)
     }
