@@ -281,7 +281,7 @@ fn lowered_limits_split_bindings_dispatch_in_2d_and_tile_x() {
     let limits = LimitOverrides {
         max_binding_bytes: Some(64 << 10),
         max_workgroups_per_dim: Some(4),
-        max_workgroup_storage_bytes: Some(4096 + 3 * 96 * 4),
+        max_workgroup_storage_bytes: Some(4096 + 3 * 64 * 4),
     };
     let gpus = variants(limits);
     let mut rng = Rng::new(test_seed("lowered_limits"));

@@ -447,17 +447,22 @@ impl Gpu {
         };
         let m = self
             .scoped(&format!("compiling {}", kernel.file()), || {
-                if self.runtime_checks {
+                let base = if self.runtime_checks {
+                    wgpu::ShaderRuntimeChecks::checked()
+                } else {
+                    wgpu::ShaderRuntimeChecks::unchecked()
+                };
+                let checks = wgpu::ShaderRuntimeChecks {
+                    force_loop_bounding: base.force_loop_bounding && !kernel.loops_end(),
+                    ..base
+                };
+                if checks.bounds_checks && checks.force_loop_bounding {
                     self.device.create_shader_module(desc)
                 } else {
                     // SAFETY: the kernels index only inside their bindings and workgroup arrays for
-                    // every layout the launchers in this module create (the upload checks the shapes).
-                    unsafe {
-                        self.device.create_shader_module_trusted(
-                            desc,
-                            wgpu::ShaderRuntimeChecks::unchecked(),
-                        )
-                    }
+                    // every layout the launchers in this module create (the upload checks the shapes),
+                    // and the loops of `loops_end` kernels run a count fixed before they start.
+                    unsafe { self.device.create_shader_module_trusted(desc, checks) }
                 }
             })
             .map_err(|e| GpuError::Shader {

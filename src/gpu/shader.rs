@@ -81,6 +81,13 @@ impl Kernel {
         Kernel::Embed,
     ];
 
+    /// Whether every loop of the kernel runs a count fixed before it starts, so that wgpu's loop
+    /// bounding (a counter and a branch per iteration, against GPU hangs) can be left out: on an H100
+    /// it made spmv 25-35% slower (BENCHMARKS.md).
+    pub fn loops_end(self) -> bool {
+        matches!(self, Kernel::Spmv | Kernel::Decompress)
+    }
+
     /// The file name in `wgsl/`.
     pub fn file(self) -> &'static str {
         match self {
