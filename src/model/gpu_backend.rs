@@ -216,6 +216,18 @@ impl Backend for GpuBackend {
         });
     }
 
+    fn matmul_add(&mut self, w: &GpuMatrix, x: &GpuVector, y: &mut GpuVector, n: usize) {
+        self.record(|gpu, pass| {
+            if n != 1 {
+                return Err(GpuError::Shape(format!(
+                    "matmul of {n} vectors; this backend takes 1"
+                )));
+            }
+            let y = view(y, w.rows);
+            gpu.matvec(pass, w, &view(x, w.cols), &y, Some(&y))
+        });
+    }
+
     fn rmsnorm(
         &mut self,
         x: &GpuVector,
