@@ -26,6 +26,9 @@ pub struct GpuBackend {
     /// Ops recorded since the last read-back, and in the pass that ended with it.
     ops: usize,
     last_ops: usize,
+    /// Host time spent recording the ops of the current pass, and of the last finished one.
+    recording_time: std::time::Duration,
+    last_recording_time: std::time::Duration,
     /// Bytes of the device buffers this backend made (weights, activations, caches).
     device_bytes: u64,
 }
@@ -50,6 +53,8 @@ impl GpuBackend {
             start: None,
             ops: 0,
             last_ops: 0,
+            recording_time: std::time::Duration::ZERO,
+            last_recording_time: std::time::Duration::ZERO,
             device_bytes: 0,
         })
     }
@@ -77,6 +82,7 @@ impl GpuBackend {
             return;
         }
         self.ops += 1;
+        let started = std::time::Instant::now();
         let gpu = &self.gpu;
         let rec = self.recording.get_or_insert_with(|| {
             let mut encoder = gpu.device().create_command_encoder(&Default::default());
@@ -88,6 +94,7 @@ impl GpuBackend {
         if let Err(e) = f(gpu, &mut rec.pass) {
             self.error = Some(e);
         }
+        self.recording_time += started.elapsed();
     }
 
     /// Makes `start` the position the recorded pass reads from the step buffer. Passes of different
@@ -131,6 +138,7 @@ impl GpuBackend {
     fn finish_and_read(&mut self, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
         let encoder = self.encoder();
         self.last_ops = std::mem::take(&mut self.ops);
+        self.last_recording_time = std::mem::take(&mut self.recording_time);
         if let Some(e) = self.error.take() {
             return Err(e.into());
         }
@@ -184,9 +192,10 @@ impl Backend for GpuBackend {
 
     fn stats(&self) -> String {
         format!(
-            "{:.1} MB of device buffers, {} ops in the last pass (one submission)",
+            "{:.1} MB of device buffers, {} ops in the last pass (one submission), recorded in {:.2} ms",
             self.device_bytes as f64 / 1e6,
-            self.last_ops
+            self.last_ops,
+            self.last_recording_time.as_secs_f64() * 1e3
         )
     }
 
