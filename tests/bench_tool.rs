@@ -110,6 +110,27 @@ fn bench_writes_consistent_json_for_cpu_and_gpu() {
         }
         files.push(json);
     }
+    // A machine with no GPU (UPG_BACKEND=cpu hides the adapters): the default run gives CPU rows only.
+    let json = dir.join("no-gpu.json");
+    let mut args = vec!["--json", json.to_str().unwrap()];
+    args.extend(common);
+    let out = Command::new(bench_binary())
+        .args(&args)
+        .env("UPG_BACKEND", "cpu")
+        .output()
+        .expect("bench runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(
+        !rows.is_empty() && rows.iter().all(|r| r["backend"] == "cpu"),
+        "{rows:?}"
+    );
+
     let mut merge = vec!["--merge"];
     merge.extend(files.iter().map(|f| f.to_str().unwrap()));
     let table = run(&merge);
