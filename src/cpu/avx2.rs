@@ -1,10 +1,12 @@
 //! AVX2 + FMA + F16C kernels for x86-64, chosen at run time.
 //!
-//! Sparse rows are decoded in two passes. The first rewrites the row's packed codes as one byte per
-//! code ([`expand_codes`]); the second walks the row 8 columns at a time and expands the kept bytes
-//! into their columns with one `vpshufb` (see [`super::lut`]). Expanding the codes a whole row ahead
-//! keeps the second pass's loads away from the stores that produced them: a load that straddles
-//! two recent stores cannot be forwarded and would stall until they retire.
+//! Quantised rows are decoded in two passes. The first ([`Scratch::load`]) rewrites the row's packed
+//! codes as one byte per code in line-aligned slots ([`expand_codes`]), computes each 8-column
+//! chunk's source and table offsets with vector popcounts ([`chunk_descriptors`]) and the scale
+//! pairs. The second walks the row 8 columns at a time: one 32-byte load, one `vpshufb` that puts
+//! each kept code in its column (see [`super::lut`]), an XOR and an FMA for the weights, an FMA into
+//! the accumulators. The first pass runs one row ahead of the second ([`for_each_row`]): a load
+//! that straddles recent stores cannot be forwarded from them and would wait until they retire.
 //!
 //! Every function here is `unsafe` only because it needs the CPU features: callers check
 //! [`available`] first. Slice lengths are checked by the caller (`cpu::check_tensor`) and by the
@@ -14,10 +16,11 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::lut::{MAGIC, SHUFFLE};
+use super::lut::{MAGIC, SPLIT};
 use super::scalar::{self, ACCS, CHUNK};
+use super::Lines;
 use crate::format::sparse::{BLOCK, BLOCK_CODE_BYTES};
-use crate::format::{DenseF16, Q4Matrix, SparseMatrix, Tensor};
+use crate::format::{DenseF16, Q4Matrix, Tensor};
 
 pub fn available() -> bool {
     is_x86_feature_detected!("avx2")
@@ -26,9 +29,17 @@ pub fn available() -> bool {
         && is_x86_feature_detected!("popcnt")
 }
 
-/// Bytes past the last block a chunk load may touch: a corrupt mask can put the running rank at 64,
-/// and the load is 16 bytes wide.
-const EXPANDED_SLACK: usize = 2 * BLOCK + 16;
+/// Expanded codes live in 64-byte, line-aligned slots, one per 16 bytes of packed codes (a sparse
+/// block, or 32 q4 columns), the 32 code bytes at offset [`FRONT`]. A chunk's 32-byte source starts
+/// at `slot + half` with `half <= 32` for a valid mask, so it never straddles two cache lines.
+const SLOT: usize = 64;
+const FRONT: usize = 16;
+/// Bytes after the last slot a chunk load may touch: a corrupt mask can put `half` at 64.
+const BACK: usize = 2 * SLOT;
+/// Chunk descriptors keep a source offset in 19 bits: rows of up to 8190 blocks (524 160 columns).
+/// Wider sparse rows take the scalar path.
+const MAX_BLOCKS: usize = ((1 << 19) - BACK) / SLOT - 1;
+const OFFSET_MASK: u32 = (1 << 19) - 1;
 
 /// `acc[k % 4] += w * x`, with constant register indices after inlining.
 #[inline]
@@ -61,49 +72,50 @@ unsafe fn load_partial(p: *const f32, n: usize) -> __m256 {
     _mm256_maskload_ps(p, mask)
 }
 
-/// Converts f16 scales to f32.
-#[target_feature(enable = "avx2,fma,f16c,popcnt")]
-fn scales_f32(h: &[f16], out: &mut [f32]) {
-    let mut hc = h.chunks_exact(CHUNK);
-    let mut oc = out.chunks_exact_mut(CHUNK);
-    for (src, dst) in (&mut hc).zip(&mut oc) {
-        // SAFETY: both chunks hold exactly 8 elements.
-        unsafe {
-            let v = _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr() as *const __m128i));
-            _mm256_storeu_ps(dst.as_mut_ptr(), v);
-        }
-    }
-    for (src, dst) in hc.remainder().iter().zip(oc.into_remainder()) {
-        *dst = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(src.to_bits() as i32)));
-    }
-}
-
-/// Rewrites packed 4-bit codes (low nibble first) as one byte per code, `2c ^ 0x11`
-/// ([`super::lut::code_byte`]). `codes.len()` is a multiple of 16; `out` holds twice as many bytes.
+/// Rewrites packed 4-bit codes (low nibble first) as one byte per code, `2c ^ 0x11` (see
+/// [`super::lut`]): each 16 bytes of codes become 32 bytes at `FRONT` in their [`SLOT`] of `out`.
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn expand_codes(codes: &[u8], out: &mut [u8]) {
-    let low = _mm_set1_epi8(0x1E);
-    let flip = _mm_set1_epi8(0x11);
-    for (src, dst) in codes.chunks_exact(16).zip(out.chunks_exact_mut(32)) {
-        // SAFETY: `src` holds 16 bytes and `dst` 32.
+    assert!(codes.len().is_multiple_of(16) && out.len() >= codes.len() / 16 * SLOT);
+    let low = _mm256_set1_epi8(0x1E);
+    let flip = _mm256_set1_epi8(0x11);
+    // Shifting 16-bit lanes moves a neighbour's bit into each byte; the mask drops it.
+    let bytes = |c: __m256i| {
+        let lo = _mm256_xor_si256(_mm256_and_si256(_mm256_slli_epi16::<1>(c), low), flip);
+        let hi = _mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16::<3>(c), low), flip);
+        (_mm256_unpacklo_epi8(lo, hi), _mm256_unpackhi_epi8(lo, hi))
+    };
+    let pairs = codes.len() / 32;
+    let (src, dst) = (codes.as_ptr(), out.as_mut_ptr());
+    for i in 0..pairs {
+        // SAFETY: 32 code bytes at 32 i, 64 output bytes at 64 i, within the lengths asserted above.
         unsafe {
-            let c = _mm_loadu_si128(src.as_ptr() as *const __m128i);
-            // Shifting 16-bit lanes moves a neighbour's bit into each byte; the mask drops it.
-            let lo = _mm_xor_si128(_mm_and_si128(_mm_slli_epi16::<1>(c), low), flip);
-            let hi = _mm_xor_si128(_mm_and_si128(_mm_srli_epi16::<3>(c), low), flip);
-            let p = dst.as_mut_ptr() as *mut __m128i;
-            _mm_storeu_si128(p, _mm_unpacklo_epi8(lo, hi));
-            _mm_storeu_si128(p.add(1), _mm_unpackhi_epi8(lo, hi));
+            let (a, b) = bytes(_mm256_loadu_si256(src.add(32 * i) as *const __m256i));
+            // Within each 128-bit lane the unpacks hold one block's codes 0-15 and 16-31.
+            let d = dst.add(2 * SLOT * i + FRONT);
+            _mm256_storeu_si256(d as *mut __m256i, _mm256_permute2x128_si256::<0x20>(a, b));
+            let d = d.add(SLOT) as *mut __m256i;
+            _mm256_storeu_si256(d, _mm256_permute2x128_si256::<0x31>(a, b));
+        }
+    }
+    if !codes.len().is_multiple_of(32) {
+        // SAFETY: the last 16 code bytes and their 32 output bytes are inside the slices.
+        unsafe {
+            let c = _mm256_castsi128_si256(_mm_loadu_si128(src.add(32 * pairs) as *const __m128i));
+            let (a, b) = bytes(c);
+            let d = dst.add(2 * SLOT * pairs + FRONT) as *mut __m256i;
+            _mm256_storeu_si256(d, _mm256_permute2x128_si256::<0x20>(a, b));
         }
     }
 }
 
-/// 8 decoded weights: the kept code bytes starting at `t`, placed by mask byte `mb`.
+/// 8 decoded weights from a 32-byte source at `src` whose halves meet at the chunk's half-chunk rank,
+/// placed by the [`SPLIT`] entry at `idx`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
-unsafe fn chunk(t: *const u8, mb: usize, s128: __m256, s144: __m256) -> __m256 {
-    let src = _mm256_broadcastsi128_si256(_mm_loadu_si128(t as *const __m128i));
-    let idx = _mm256_load_si256(SHUFFLE.0.as_ptr().add(mb) as *const __m256i);
+unsafe fn chunk(src: *const u8, idx: *const u8, s128: __m256, s144: __m256) -> __m256 {
+    let src = _mm256_loadu_si256(src as *const __m256i);
+    let idx = _mm256_load_si256(idx as *const __m256i);
     let lanes = _mm256_xor_si256(
         _mm256_shuffle_epi8(src, idx),
         _mm256_set1_epi32(MAGIC as i32),
@@ -111,107 +123,230 @@ unsafe fn chunk(t: *const u8, mb: usize, s128: __m256, s144: __m256) -> __m256 {
     _mm256_fmsub_ps(_mm256_castsi256_ps(lanes), s128, s144)
 }
 
-/// A row's data in the form the chunk loop reads.
-struct Row<'a> {
-    /// Expanded code bytes, 32 per block (64 per q4 block of 64 columns), plus slack.
-    bytes: &'a [u8],
-    /// f32 scales.
-    scales: &'a [f32],
-}
-
-/// Calls `sink(c, w)` for every 8-column chunk `c` of a sparse row, in column order.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,popcnt")]
-fn for_sparse_chunks(
-    masks: &[u64],
-    row: &Row,
-    blocks_per_group: usize,
-    mut sink: impl FnMut(usize, __m256),
-) {
-    assert!(row.bytes.len() >= masks.len() * 32 + EXPANDED_SLACK);
-    for (g, &s) in row.scales.iter().enumerate() {
-        let s128 = _mm256_set1_ps(128.0 * s);
-        let s144 = _mm256_set1_ps(144.0 * s);
-        let blocks = g * blocks_per_group..((g + 1) * blocks_per_group).min(masks.len());
-        for b in blocks {
-            let m = masks[b];
-            // SAFETY: the running rank is at most 64, within the slack asserted above.
-            let t = unsafe { row.bytes.as_ptr().add(32 * b) };
-            let mut rank = 0usize;
-            for j in 0..8 {
-                let mb = ((m >> (8 * j)) & 0xFF) as usize;
-                sink(8 * b + j, unsafe { chunk(t.add(rank), mb, s128, s144) });
-                rank += mb.count_ones() as usize;
-            }
-        }
-    }
-}
-
-/// Calls `sink(c, w)` for every 8-column chunk `c` of a q4 row (all padded columns).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,popcnt")]
-fn for_q4_chunks(row: &Row, group: usize, mut sink: impl FnMut(usize, __m256)) {
-    let per_group = group / CHUNK;
-    assert!(row.bytes.len() >= row.scales.len() * group + 16);
-    for (g, &s) in row.scales.iter().enumerate() {
-        let s128 = _mm256_set1_ps(128.0 * s);
-        let s144 = _mm256_set1_ps(144.0 * s);
-        for j in 0..per_group {
-            let c = g * per_group + j;
-            // SAFETY: `c * 8 + 16 <= bytes.len()`, asserted above.
-            sink(c, unsafe {
-                chunk(row.bytes.as_ptr().add(CHUNK * c), 0xFF, s128, s144)
-            });
-        }
-    }
-}
-
-/// Scratch for one rayon task: a row's expanded codes and its scales.
+/// One row prepared for the chunk loops: expanded code bytes in [`SLOT`]s, the pair
+/// `[128 s, 144 s]` per scale group, and for sparse rows the per-chunk source offsets.
 struct Scratch {
-    bytes: Vec<u8>,
-    scales: Vec<f32>,
+    bytes: Lines,
+    scales: Vec<[f32; 2]>,
+    chunks: Vec<u32>,
+    /// Some scale of the row is zero: the decoders then use the scalar path (see [`super::lut`]).
+    zero_scale: bool,
 }
 
 impl Scratch {
     fn new(w: &Tensor) -> Self {
         let cols = w.shape()[1];
-        let (bytes, scales) = match w {
-            Tensor::Sparse(m) => (m.blocks_per_row() * 32 + EXPANDED_SLACK, m.groups_per_row()),
+        let (slots, scales, chunks) = match w {
+            Tensor::Sparse(m) => {
+                let nb = m.blocks_per_row();
+                (nb, m.groups_per_row(), nb.next_multiple_of(4) * 8)
+            }
             Tensor::Q4(m) => {
                 let padded = Q4Matrix::padded_cols(cols, m.group);
-                (padded + 16, padded / m.group)
+                (padded / 32, padded / m.group, 0)
             }
-            _ => (0, 0),
+            _ => (0, 0, 0),
         };
         Self {
-            bytes: vec![0; bytes],
-            scales: vec![0.0; scales],
+            bytes: Lines::zeroed(slots * SLOT + BACK),
+            scales: vec![[0.0; 2]; scales],
+            chunks: vec![0; chunks],
+            zero_scale: false,
         }
     }
 
-    /// Expands row `r` of a sparse matrix.
+    /// Prepares row `r` of a sparse or q4 tensor (nothing for dense ones).
     #[target_feature(enable = "avx2,fma,f16c,popcnt")]
-    fn sparse(&mut self, m: &SparseMatrix, r: usize) -> Row<'_> {
-        let (nb, ng) = (m.blocks_per_row(), m.groups_per_row());
-        let n = nb * BLOCK_CODE_BYTES;
-        expand_codes(&m.codes[r * n..][..n], &mut self.bytes);
-        scales_f32(&m.scales[r * ng..][..ng], &mut self.scales);
-        Row {
-            bytes: &self.bytes,
-            scales: &self.scales,
+    fn load(&mut self, w: &Tensor, r: usize) {
+        let (codes, scales) = match w {
+            Tensor::Sparse(m) => {
+                let (nb, ng) = (m.blocks_per_row(), m.groups_per_row());
+                chunk_descriptors(&m.masks[r * nb..][..nb], &mut self.chunks);
+                let n = nb * BLOCK_CODE_BYTES;
+                (&m.codes[r * n..][..n], &m.scales[r * ng..][..ng])
+            }
+            Tensor::Q4(m) => {
+                let padded = Q4Matrix::padded_cols(m.cols, m.group);
+                let ng = padded / m.group;
+                (
+                    &m.codes[r * padded / 2..][..padded / 2],
+                    &m.scales[r * ng..][..ng],
+                )
+            }
+            _ => return,
+        };
+        expand_codes(codes, self.bytes.bytes_mut());
+        self.zero_scale = scale_pairs(scales, &mut self.scales);
+    }
+}
+
+/// `[128 s, 144 s]` for each f16 scale `s`; returns whether any scale is zero.
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn scale_pairs(h: &[f16], out: &mut [[f32; 2]]) -> bool {
+    let (k128, k144) = (_mm256_set1_ps(128.0), _mm256_set1_ps(144.0));
+    let mut zero = 0;
+    let mut hc = h.chunks_exact(8);
+    let mut oc = out.chunks_exact_mut(8);
+    for (src, dst) in (&mut hc).zip(&mut oc) {
+        // SAFETY: 8 scales in, 8 pairs (64 bytes) out.
+        unsafe {
+            let s = _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr() as *const __m128i));
+            zero |= _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(s, _mm256_setzero_ps()));
+            let (a, b) = (_mm256_mul_ps(s, k128), _mm256_mul_ps(s, k144));
+            // In-lane unpacks give pairs 0, 1, 4, 5 and 2, 3, 6, 7.
+            let (lo, hi) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+            let p = dst.as_mut_ptr() as *mut f32;
+            _mm256_storeu_ps(p, _mm256_permute2f128_ps::<0x20>(lo, hi));
+            _mm256_storeu_ps(p.add(8), _mm256_permute2f128_ps::<0x31>(lo, hi));
         }
     }
+    for (src, dst) in hc.remainder().iter().zip(oc.into_remainder()) {
+        let s = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(src.to_bits() as i32)));
+        zero |= (s == 0.0) as i32;
+        *dst = [128.0 * s, 144.0 * s];
+    }
+    zero != 0
+}
 
-    /// Expands row `r` of a q4 matrix.
-    #[target_feature(enable = "avx2,fma,f16c,popcnt")]
-    fn q4(&mut self, m: &Q4Matrix, r: usize) -> Row<'_> {
-        let padded = Q4Matrix::padded_cols(m.cols, m.group);
-        let ng = padded / m.group;
-        expand_codes(&m.codes[r * padded / 2..][..padded / 2], &mut self.bytes);
-        scales_f32(&m.scales[r * ng..][..ng], &mut self.scales);
-        Row {
-            bytes: &self.bytes,
-            scales: &self.scales,
+/// Calls `body(i, scratch)` for rows `r0 + i`, `i < n`, each prepared by [`Scratch::load`] one row
+/// ahead, in the other of two scratch buffers.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn for_each_row(w: &Tensor, r0: usize, n: usize, mut body: impl FnMut(usize, &Scratch)) {
+    if n == 0 {
+        return;
+    }
+    let (mut cur, mut next) = (Scratch::new(w), Scratch::new(w));
+    cur.load(w, r0);
+    for i in 0..n {
+        if i + 1 < n {
+            next.load(w, r0 + i + 1);
+        }
+        body(i, &cur);
+        std::mem::swap(&mut cur, &mut next);
+    }
+}
+
+/// Per-chunk sources of a sparse row: for chunk `j` of block `b`, the u32 `off | mb << 24`, where
+/// `off = SLOT b + half` is the chunk's source in the expanded-code buffer (`half` counts the block's
+/// kept columns before column `8 j + 4`; the block's codes start at `FRONT = 16` in its slot and
+/// the source 16 bytes before `half`) and `mb` is the mask byte. The chunk loop takes
+/// `d & OFFSET_MASK` as the source and `d >> 19 = 32 mb` as the byte offset of the [`SPLIT`] entry:
+/// two integer operations and two-register addresses. Computing them for the whole row with vector
+/// popcounts (nibble table, then a prefix sum inside each u64) keeps the rest out of the chunk loop.
+/// `out` holds 8 per block, rounded up to 4 blocks; at most [`MAX_BLOCKS`] blocks.
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn chunk_descriptors(masks: &[u64], out: &mut [u32]) {
+    assert!(out.len() >= masks.len().next_multiple_of(4) * 8 && masks.len() <= MAX_BLOCKS);
+    let pop4 = _mm256_setr_epi8(
+        0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3,
+        3, 4,
+    );
+    let nibble = _mm256_set1_epi8(0x0F);
+    let quads = masks.len().div_ceil(4);
+    for (q, dst) in out.chunks_exact_mut(32).take(quads).enumerate() {
+        let v = if 4 * q + 4 <= masks.len() {
+            // SAFETY: 4 masks at 4 q.
+            unsafe { _mm256_loadu_si256(masks.as_ptr().add(4 * q) as *const __m256i) }
+        } else {
+            let mut four = [0u64; 4];
+            four[..masks.len() - 4 * q].copy_from_slice(&masks[4 * q..]);
+            // SAFETY: `four` holds 32 bytes.
+            unsafe { _mm256_loadu_si256(four.as_ptr() as *const __m256i) }
+        };
+        // Shifting 16-bit lanes moves a neighbour's bits into each byte; the masks drop them.
+        let low = _mm256_shuffle_epi8(pop4, _mm256_and_si256(v, nibble));
+        let high = _mm256_shuffle_epi8(pop4, _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble));
+        let count = _mm256_add_epi8(low, high);
+        let mut incl = _mm256_add_epi8(count, _mm256_slli_epi64::<8>(count));
+        incl = _mm256_add_epi8(incl, _mm256_slli_epi64::<16>(incl));
+        incl = _mm256_add_epi8(incl, _mm256_slli_epi64::<32>(incl));
+        let half = _mm256_sub_epi8(incl, high);
+        let zero = _mm256_setzero_si256();
+        // u16 lanes `half` and `mb << 8`, then u32 lanes `half | mb << 24`.
+        let (h0, h1) = (
+            _mm256_unpacklo_epi8(half, zero),
+            _mm256_unpackhi_epi8(half, zero),
+        );
+        let (l0, l1) = (_mm256_unpacklo_epi8(zero, v), _mm256_unpackhi_epi8(zero, v));
+        // Unpacks stay inside 128-bit lanes: lane 0 holds blocks 0 and 1, lane 1 blocks 2 and 3, so
+        // `a`, `b` hold blocks 4q and 4q + 2 (chunks 0-3, 4-7), `c`, `d` blocks 4q + 1 and 4q + 3.
+        let slot = |k: i32| (SLOT * 4 * q) as i32 + SLOT as i32 * k;
+        let even = _mm256_setr_epi32(
+            slot(0),
+            slot(0),
+            slot(0),
+            slot(0),
+            slot(2),
+            slot(2),
+            slot(2),
+            slot(2),
+        );
+        let odd = _mm256_add_epi32(even, _mm256_set1_epi32(SLOT as i32));
+        let a = _mm256_add_epi32(_mm256_unpacklo_epi16(h0, l0), even);
+        let b = _mm256_add_epi32(_mm256_unpackhi_epi16(h0, l0), even);
+        let c = _mm256_add_epi32(_mm256_unpacklo_epi16(h1, l1), odd);
+        let d = _mm256_add_epi32(_mm256_unpackhi_epi16(h1, l1), odd);
+        let p = dst.as_mut_ptr() as *mut __m256i;
+        // SAFETY: `dst` holds 32 u32, four 32-byte stores.
+        unsafe {
+            _mm256_storeu_si256(p, _mm256_permute2x128_si256::<0x20>(a, b));
+            _mm256_storeu_si256(p.add(1), _mm256_permute2x128_si256::<0x20>(c, d));
+            _mm256_storeu_si256(p.add(2), _mm256_permute2x128_si256::<0x31>(a, b));
+            _mm256_storeu_si256(p.add(3), _mm256_permute2x128_si256::<0x31>(c, d));
+        }
+    }
+}
+
+/// Calls `sink(c, w)` for every 8-column chunk `c` of a prepared sparse row, in column order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn for_sparse_chunks(
+    row: &Scratch,
+    blocks: usize,
+    blocks_per_group: usize,
+    mut sink: impl FnMut(usize, __m256),
+) {
+    assert!(row.bytes.bytes().len() >= blocks * SLOT + BACK && row.chunks.len() >= blocks * 8);
+    assert!(row.scales.len() * blocks_per_group >= blocks);
+    let table = SPLIT.0.as_ptr() as *const u8;
+    let bytes = row.bytes.bytes().as_ptr();
+    let mut descs = row.chunks[..blocks * 8].chunks_exact(8).enumerate();
+    for s in &row.scales {
+        let s128 = _mm256_set1_ps(s[0]);
+        let s144 = _mm256_set1_ps(s[1]);
+        for (b, desc) in descs.by_ref().take(blocks_per_group) {
+            for (j, &d) in desc.iter().enumerate() {
+                // SAFETY: `off <= SLOT b + 64` (`half` counts 8 bytes of mask at most), so the 32
+                // bytes read stay inside the length asserted above; `d >> 19` is the offset of one
+                // of the table's 256 entries.
+                sink(8 * b + j, unsafe {
+                    let src = bytes.add((d & OFFSET_MASK) as usize);
+                    chunk(src, table.add((d >> 19) as usize), s128, s144)
+                });
+            }
+        }
+    }
+}
+
+/// Calls `sink(c, w)` for every 8-column chunk `c` of a prepared q4 row (all padded columns): a
+/// sparse row whose every mask byte is 0xFF.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn for_q4_chunks(row: &Scratch, group: usize, mut sink: impl FnMut(usize, __m256)) {
+    let per_group = group / CHUNK;
+    assert!(row.bytes.bytes().len() >= row.scales.len() * group / 32 * SLOT);
+    let idx = SPLIT.0[0xFF].as_ptr();
+    let bytes = row.bytes.bytes().as_ptr();
+    for (g, s) in row.scales.iter().enumerate() {
+        let s128 = _mm256_set1_ps(s[0]);
+        let s144 = _mm256_set1_ps(s[1]);
+        for j in 0..per_group {
+            let c = g * per_group + j;
+            // Chunk c is chunk c % 4 of slot c / 4; its half-chunk rank is 8 (c % 4) + 4, so its
+            // source starts at slot + 8 (c % 4) + 4, inside the slot (asserted above).
+            let src = SLOT * (c / 4) + CHUNK * (c % 4) + 4;
+            sink(c, unsafe { chunk(bytes.add(src), idx, s128, s144) });
         }
     }
 }
@@ -245,7 +380,7 @@ unsafe fn dot(w: *const f32, x: *const f32, len: usize) -> f32 {
         );
         c += 1;
     }
-    if len % CHUNK != 0 {
+    if !len.is_multiple_of(CHUNK) {
         let o = CHUNK * c;
         let wv = load_partial(w.add(o), len % CHUNK);
         fma_at(&mut acc, c, wv, _mm256_loadu_ps(x.add(o)));
@@ -277,7 +412,7 @@ unsafe fn dot2(w0: *const f32, w1: *const f32, x: *const f32, len: usize) -> (f3
         fma_at(&mut b, c, _mm256_loadu_ps(w1.add(o)), xv);
         c += 1;
     }
-    if len % CHUNK != 0 {
+    if !len.is_multiple_of(CHUNK) {
         let o = CHUNK * c;
         let xv = _mm256_loadu_ps(x.add(o));
         fma_at(&mut a, c, load_partial(w0.add(o), len % CHUNK), xv);
@@ -314,35 +449,32 @@ unsafe fn dot_f16(h: &[f16], x: *const f32) -> f32 {
 /// [`available`] must be true.
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 pub unsafe fn spmv_rows(w: &Tensor, r0: usize, x: &[f32], y: &mut [f32]) {
+    if too_wide(w) {
+        return scalar::spmv_rows(w, r0, x, y);
+    }
     let cols = w.shape()[1];
     let xp = x.as_ptr();
     match w {
         Tensor::Sparse(m) => {
-            assert!(x.len() >= m.blocks_per_row() * BLOCK);
             let nb = m.blocks_per_row();
-            let bpg = m.group / BLOCK;
-            let mut scratch = Scratch::new(w);
-            for (i, yi) in y.iter_mut().enumerate() {
-                let r = r0 + i;
-                let row = scratch.sparse(m, r);
+            assert!(x.len() >= nb * BLOCK);
+            for_each_row(w, r0, y.len(), |i, row| {
                 let mut acc = [_mm256_setzero_ps(); ACCS];
-                for_sparse_chunks(&m.masks[r * nb..][..nb], &row, bpg, |c, wv| {
+                for_sparse_chunks(row, nb, m.group / BLOCK, |c, wv| {
                     fma_at(&mut acc, c, wv, _mm256_loadu_ps(xp.add(CHUNK * c)));
                 });
-                *yi = reduce(&acc);
-            }
+                y[i] = reduce(&acc);
+            });
         }
         Tensor::Q4(m) => {
             assert!(x.len() >= Q4Matrix::padded_cols(cols, m.group));
-            let mut scratch = Scratch::new(w);
-            for (i, yi) in y.iter_mut().enumerate() {
-                let row = scratch.q4(m, r0 + i);
+            for_each_row(w, r0, y.len(), |i, row| {
                 let mut acc = [_mm256_setzero_ps(); ACCS];
-                for_q4_chunks(&row, m.group, |c, wv| {
+                for_q4_chunks(row, m.group, |c, wv| {
                     fma_at(&mut acc, c, wv, _mm256_loadu_ps(xp.add(CHUNK * c)));
                 });
-                *yi = reduce(&acc);
-            }
+                y[i] = reduce(&acc);
+            });
         }
         Tensor::F16(DenseF16 { values, .. }) => {
             assert!(x.len() >= cols.next_multiple_of(CHUNK));
@@ -354,139 +486,137 @@ pub unsafe fn spmv_rows(w: &Tensor, r0: usize, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// Stores decoded chunk `c` of a row into `out` (the row, `out.len()` columns), clipping the last one.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,popcnt")]
-fn store_chunk(out: &mut [f32], c: usize, w: __m256) {
-    let o = CHUNK * c;
-    if o + CHUNK <= out.len() {
-        // SAFETY: 8 values fit at `o`.
-        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(o), w) };
-    } else if o < out.len() {
-        let mut tmp = [0.0f32; CHUNK];
-        // SAFETY: `tmp` holds 8 values.
-        unsafe { _mm256_storeu_ps(tmp.as_mut_ptr(), w) };
-        let n = out.len() - o;
-        out[o..].copy_from_slice(&tmp[..n]);
+/// Sparse rows wider than the chunk descriptors can address (see [`MAX_BLOCKS`]).
+fn too_wide(w: &Tensor) -> bool {
+    matches!(w, Tensor::Sparse(m) if m.blocks_per_row() > MAX_BLOCKS)
+}
+
+/// Columns a prepared row decodes to: whole blocks (sparse) or whole q4 groups.
+fn decoded_width(w: &Tensor) -> usize {
+    match w {
+        Tensor::Sparse(m) => m.blocks_per_row() * BLOCK,
+        Tensor::Q4(m) => Q4Matrix::padded_cols(m.cols, m.group),
+        _ => 0,
     }
 }
 
-/// As [`store_chunk`], rounding to f16.
+/// Decodes prepared row `r` into `out[..decoded_width]` with whole-chunk stores (zero past `cols`
+/// for sparse rows, whose padding is pruned; q4 padding is garbage the caller must not keep).
+/// Returns false, writing nothing, for dense tensors and rows with a zero scale, which the scalar
+/// decoder handles.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
-fn store_chunk_f16(out: &mut [f16], c: usize, w: __m256) {
-    let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(w);
-    let o = CHUNK * c;
-    if o + CHUNK <= out.len() {
-        // SAFETY: 8 values fit at `o`.
-        unsafe { _mm_storeu_si128(out.as_mut_ptr().add(o) as *mut __m128i, h) };
-    } else if o < out.len() {
-        let mut tmp = [f16::ZERO; CHUNK];
-        // SAFETY: `tmp` holds 8 values.
-        unsafe { _mm_storeu_si128(tmp.as_mut_ptr() as *mut __m128i, h) };
-        let n = out.len() - o;
-        out[o..].copy_from_slice(&tmp[..n]);
+fn decode_prepared(w: &Tensor, row: &Scratch, out: &mut [f32]) -> bool {
+    if row.zero_scale || !matches!(w, Tensor::Sparse(_) | Tensor::Q4(_)) {
+        return false;
     }
+    assert!(out.len() >= decoded_width(w));
+    let o = out.as_mut_ptr();
+    // SAFETY: every chunk index is below decoded_width / 8, inside `out` (asserted).
+    let store = |c: usize, wv: __m256| unsafe { _mm256_storeu_ps(o.add(CHUNK * c), wv) };
+    match w {
+        Tensor::Sparse(m) => for_sparse_chunks(row, m.blocks_per_row(), m.group / BLOCK, store),
+        Tensor::Q4(m) => for_q4_chunks(row, m.group, store),
+        _ => unreachable!(),
+    }
+    true
+}
+
+/// Copies `src` to `dst` (same length) with 32-byte streaming stores, which write whole lines to
+/// memory without reading them first; the unaligned head and tail are copied plainly.
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn stream_copy(dst: &mut [u8], src: &[u8]) {
+    assert_eq!(dst.len(), src.len());
+    let head = dst.as_ptr().align_offset(32).min(dst.len());
+    let body = (dst.len() - head) / 32 * 32;
+    dst[..head].copy_from_slice(&src[..head]);
+    for i in (head..head + body).step_by(32) {
+        // SAFETY: 32 bytes at `i` in both slices (`i + 32 <= head + body <= len`), `dst + i` aligned.
+        unsafe {
+            let v = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
+            _mm256_stream_si256(dst.as_mut_ptr().add(i) as *mut __m256i, v);
+        }
+    }
+    dst[head + body..].copy_from_slice(&src[head + body..]);
 }
 
 /// Rows `r0..` of `w` into `out`, `stride` values per row (`cols` or the 64-padded width; zero past
-/// `cols`). Bit-identical to the reference decoder.
+/// `cols`). Bit-identical to the reference decoder. Each row is decoded into a line-aligned buffer
+/// that stays in L1, then copied out; with `stream`, by [`stream_copy`].
 ///
 /// # Safety
 /// [`available`] must be true.
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
-pub unsafe fn decode_rows(w: &Tensor, r0: usize, out: &mut [f32], stride: usize) {
-    let cols = w.shape()[1];
-    let mut scratch = Scratch::new(w);
-    for (i, row) in out.chunks_exact_mut(stride).enumerate() {
-        let r = r0 + i;
-        match w {
-            Tensor::Sparse(m) => {
-                let nb = m.blocks_per_row();
-                let bpg = m.group / BLOCK;
-                let expanded = scratch.sparse(m, r);
-                // A zero scale decodes to +0 here but to -0 for negative levels in the reference.
-                if expanded.scales.contains(&0.0) {
-                    scalar::decode_sparse_row(m, r, row);
-                    continue;
-                }
-                let (real, pad) = row.split_at_mut(cols);
-                for_sparse_chunks(&m.masks[r * nb..][..nb], &expanded, bpg, |c, wv| {
-                    store_chunk(real, c, wv)
-                });
-                pad.fill(0.0);
-            }
-            Tensor::Q4(m) => {
-                let expanded = scratch.q4(m, r);
-                if expanded.scales.contains(&0.0) {
-                    scalar::decode_q4_row(m, r, row);
-                    continue;
-                }
-                let (real, pad) = row.split_at_mut(cols);
-                for_q4_chunks(&expanded, m.group, |c, wv| store_chunk(real, c, wv));
-                pad.fill(0.0);
-            }
-            _ => scalar::decode_row(w, r, row),
-        }
+pub unsafe fn decode_rows(w: &Tensor, r0: usize, out: &mut [f32], stride: usize, stream: bool) {
+    if too_wide(w) {
+        return scalar::decode_rows(w, r0, out, stride, stream);
     }
+    let cols = w.shape()[1];
+    let width = decoded_width(w).max(cols);
+    let mut buf = Lines::zeroed(width * 4);
+    for_each_row(w, r0, out.len() / stride, |i, prepared| {
+        let dst = &mut out[i * stride..][..stride];
+        let row = &mut buf.f32_mut()[..width];
+        if !decode_prepared(w, prepared, row) {
+            scalar::decode_row(w, r0 + i, row);
+        }
+        let (real, pad) = dst.split_at_mut(cols);
+        if stream {
+            stream_copy(
+                bytemuck::cast_slice_mut(real),
+                bytemuck::cast_slice(&row[..cols]),
+            );
+        } else {
+            real.copy_from_slice(&row[..cols]);
+        }
+        pad.fill(0.0);
+    });
+    // Streaming stores are weakly ordered: make them visible before the caller's join says done.
+    _mm_sfence();
 }
 
-/// Rows `r0..` of `w` into `out` as f16 (round to nearest even), `cols` values per row.
+/// Rows `r0..` of `w` into `out` as f16 (round to nearest even), `cols` values per row; `stream` as
+/// in [`decode_rows`].
 ///
 /// # Safety
 /// [`available`] must be true.
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
-pub unsafe fn decode_rows_f16(w: &Tensor, r0: usize, out: &mut [f16]) {
+pub unsafe fn decode_rows_f16(w: &Tensor, r0: usize, out: &mut [f16], stream: bool) {
+    if too_wide(w) {
+        return scalar::decode_rows_f16(w, r0, out, stream);
+    }
     let cols = w.shape()[1];
-    let mut scratch = Scratch::new(w);
-    let mut f32_row = vec![0.0f32; cols];
-    for (i, row) in out.chunks_exact_mut(cols).enumerate() {
-        let r = r0 + i;
-        // Zero scales go through the scalar decoder, as in `decode_rows`.
-        let done = match w {
-            Tensor::Sparse(m) => {
-                let nb = m.blocks_per_row();
-                let expanded = scratch.sparse(m, r);
-                let fast = !expanded.scales.contains(&0.0);
-                if fast {
-                    let masks = &m.masks[r * nb..][..nb];
-                    for_sparse_chunks(masks, &expanded, m.group / BLOCK, |c, wv| {
-                        store_chunk_f16(row, c, wv)
-                    });
-                }
-                fast
-            }
-            Tensor::Q4(m) => {
-                let expanded = scratch.q4(m, r);
-                let fast = !expanded.scales.contains(&0.0);
-                if fast {
-                    for_q4_chunks(&expanded, m.group, |c, wv| store_chunk_f16(row, c, wv));
-                }
-                fast
-            }
-            Tensor::F16(m) => {
-                row.copy_from_slice(&m.values[r * cols..][..cols]);
-                true
-            }
-            Tensor::F32(_) => false,
-        };
-        if !done {
-            scalar::decode_row(w, r, &mut f32_row);
-            for c in 0..cols.div_ceil(CHUNK) {
-                store_chunk_f16(row, c, load_partial_row(&f32_row, c));
+    if let Tensor::F16(m) = w {
+        out.copy_from_slice(&m.values[r0 * cols..][..out.len()]);
+        return;
+    }
+    let width = decoded_width(w).max(cols).next_multiple_of(CHUNK);
+    let mut buf = Lines::zeroed(width * 4);
+    let mut half = Lines::zeroed(width * 2);
+    for_each_row(w, r0, out.len() / cols, |i, prepared| {
+        let row = &mut buf.f32_mut()[..width];
+        if !decode_prepared(w, prepared, row) {
+            scalar::decode_row(w, r0 + i, row);
+        }
+        let h: &mut [f16] = &mut bytemuck::cast_slice_mut(half.bytes_mut())[..width];
+        for (src, dst) in row.chunks_exact(CHUNK).zip(h.chunks_exact_mut(CHUNK)) {
+            // SAFETY: 8 values each.
+            unsafe {
+                let v = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(src.as_ptr()));
+                _mm_storeu_si128(dst.as_mut_ptr() as *mut __m128i, v);
             }
         }
-    }
-}
-
-/// Chunk `c` of `row`, zero-filled past its end.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,popcnt")]
-fn load_partial_row(row: &[f32], c: usize) -> __m256 {
-    let o = CHUNK * c;
-    let n = (row.len() - o).min(CHUNK);
-    // SAFETY: `n` values are readable at `o`.
-    unsafe { load_partial(row.as_ptr().add(o), n) }
+        let dst = &mut out[i * cols..][..cols];
+        if stream {
+            stream_copy(
+                bytemuck::cast_slice_mut(dst),
+                bytemuck::cast_slice(&h[..cols]),
+            );
+        } else {
+            dst.copy_from_slice(&h[..cols]);
+        }
+    });
+    _mm_sfence();
 }
 
 /// `y[i] = rows[i * stride..][..stride] . x`.

@@ -22,7 +22,6 @@ mod avx2;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
-use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use half::f16;
@@ -152,12 +151,13 @@ impl Simd {
 }
 
 /// One path's row kernels. Each works on a run of rows starting at `r0`; `x` is padded with zeros to
-/// a multiple of 64 columns. The pointers are `unsafe fn` because the SIMD ones need their CPU
+/// a multiple of 64 columns. The decoders' flag asks for streaming (non-temporal) stores where the
+/// path has them. The pointers are `unsafe fn` because the SIMD ones need their CPU
 /// features: [`Simd::kernels`] hands them out only after checking.
 struct Kernels {
     spmv_rows: unsafe fn(&Tensor, usize, &[f32], &mut [f32]),
-    decode_rows: unsafe fn(&Tensor, usize, &mut [f32], usize),
-    decode_rows_f16: unsafe fn(&Tensor, usize, &mut [f16]),
+    decode_rows: unsafe fn(&Tensor, usize, &mut [f32], usize, bool),
+    decode_rows_f16: unsafe fn(&Tensor, usize, &mut [f16], bool),
     dot_rows: unsafe fn(&[f32], usize, &[f32], &mut [f32]),
     gemv_rows: unsafe fn(&[f32], usize, &[f32], &mut [f32]),
 }
@@ -204,10 +204,10 @@ pub fn spmv_with(simd: Simd, w: &Tensor, x: &[f32], y: &mut [f32]) -> Result<()>
         y.fill(0.0);
         return Ok(());
     }
-    let x = padded(x, cols);
+    let x = padded(x, 1, cols);
     for_row_runs(y, 1, rows, cols, |r0, y| {
         // SAFETY: `k` came from `Simd::kernels`, which checked the CPU; shapes checked above.
-        unsafe { (k.spmv_rows)(w, r0, &x, y) }
+        unsafe { (k.spmv_rows)(w, r0, x.f32(), y) }
     });
     Ok(())
 }
@@ -253,22 +253,19 @@ pub fn spmm_with(simd: Simd, w: &Tensor, xs: &[f32], n: usize, ys: &mut [f32]) -
         return Ok(());
     }
     let pc = cols.next_multiple_of(BLOCK);
-    let mut xp = vec![0.0f32; n * pc];
-    for (dst, src) in xp.chunks_exact_mut(pc).zip(xs.chunks_exact(cols)) {
-        dst[..cols].copy_from_slice(src);
-    }
+    let xp = padded(xs, n, cols);
     // Row-major [rows, n] so that each task owns a contiguous run; transposed into `ys` after.
     let mut yt = vec![0.0f32; rows * n];
     for_row_runs(&mut yt, n, rows, cols.saturating_mul(n), |r0, yt| {
         let run = yt.len() / n;
-        let mut tile = vec![0.0f32; SPMM_TILE.min(run) * pc];
+        let mut tile = Lines::zeroed(SPMM_TILE.min(run) * pc * 4);
         let mut dots = [0.0f32; SPMM_TILE];
         for t0 in (0..run).step_by(SPMM_TILE) {
             let tr = SPMM_TILE.min(run - t0);
-            let tile = &mut tile[..tr * pc];
+            let tile = &mut tile.f32_mut()[..tr * pc];
             // SAFETY: as in `spmv_with`.
-            unsafe { (k.decode_rows)(w, r0 + t0, tile, pc) };
-            for (i, x) in xp.chunks_exact(pc).enumerate() {
+            unsafe { (k.decode_rows)(w, r0 + t0, tile, pc, false) };
+            for (i, x) in xp.f32().chunks_exact(pc).take(n).enumerate() {
                 unsafe { (k.dot_rows)(tile, pc, x, &mut dots[..tr]) };
                 for (j, &d) in dots[..tr].iter().enumerate() {
                     yt[(t0 + j) * n + i] = d;
@@ -283,6 +280,11 @@ pub fn spmm_with(simd: Simd, w: &Tensor, xs: &[f32], n: usize, ys: &mut [f32]) -
     }
     Ok(())
 }
+
+/// Outputs at least this large are written with streaming stores: they would not stay in the cache
+/// anyway (32 MiB of L3 on the machine the figures in BENCHMARKS.md come from), and streaming skips
+/// reading each line before overwriting it.
+const STREAM_BYTES: usize = 16 << 20;
 
 /// Dense row-major f32 copy of `w` (`out`: rows * cols), bit-identical to the reference decode.
 pub fn decompress_f32(w: &Tensor, out: &mut [f32]) -> Result<()> {
@@ -305,9 +307,10 @@ pub fn decompress_f32_with(simd: Simd, w: &Tensor, out: &mut [f32]) -> Result<()
     if cols == 0 {
         return Ok(());
     }
+    let stream = std::mem::size_of_val(out) >= STREAM_BYTES;
     for_row_runs(out, cols, rows, cols, |r0, out| {
         // SAFETY: as in `spmv_with`.
-        unsafe { (k.decode_rows)(w, r0, out, cols) }
+        unsafe { (k.decode_rows)(w, r0, out, cols, stream) }
     });
     Ok(())
 }
@@ -333,9 +336,10 @@ pub fn decompress_f16_with(simd: Simd, w: &Tensor, out: &mut [f16]) -> Result<()
     if cols == 0 {
         return Ok(());
     }
+    let stream = std::mem::size_of_val(out) >= STREAM_BYTES;
     for_row_runs(out, cols, rows, cols, |r0, out| {
         // SAFETY: as in `spmv_with`.
-        unsafe { (k.decode_rows_f16)(w, r0, out) }
+        unsafe { (k.decode_rows_f16)(w, r0, out, stream) }
     });
     Ok(())
 }
@@ -366,10 +370,10 @@ pub fn gemv_f32_with(
         y.fill(0.0);
         return Ok(());
     }
-    let x = padded(x, cols);
+    let x = padded(x, 1, cols);
     for_row_runs(y, 1, rows, cols, |r0, y| {
         // SAFETY: as in `spmv_with`.
-        unsafe { (k.gemv_rows)(&w[r0 * cols..], cols, &x, y) }
+        unsafe { (k.gemv_rows)(&w[r0 * cols..], cols, x.f32(), y) }
     });
     Ok(())
 }
@@ -396,14 +400,52 @@ fn overflow(what: &str, a: usize, b: usize) -> CpuError {
     ))
 }
 
-/// `x` with zeros up to a multiple of 64 columns: every kernel reads whole blocks.
-fn padded(x: &[f32], cols: usize) -> Cow<'_, [f32]> {
-    if cols % BLOCK == 0 {
-        return Cow::Borrowed(x);
+/// Zeroed memory that starts on a 64-byte cache line. Vector loads at multiples of 32 bytes from it
+/// never straddle two lines; a split load costs about two, and callers' vectors are usually only
+/// 16-byte aligned.
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+pub(crate) struct Lines(Vec<Line>);
+
+impl Lines {
+    pub(crate) fn zeroed(bytes: usize) -> Self {
+        Lines(vec![Line([0; 64]); bytes.div_ceil(64)])
     }
-    let mut p = vec![0.0f32; cols.next_multiple_of(BLOCK)];
-    p[..cols].copy_from_slice(x);
-    Cow::Owned(p)
+
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) fn bytes(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        bytemuck::cast_slice_mut(&mut self.0)
+    }
+
+    pub(crate) fn f32(&self) -> &[f32] {
+        bytemuck::cast_slice(&self.0)
+    }
+
+    pub(crate) fn f32_mut(&mut self) -> &mut [f32] {
+        bytemuck::cast_slice_mut(&mut self.0)
+    }
+}
+
+/// `n` vectors of `cols` values, each copied to a line-aligned run of `cols` rounded up to a
+/// multiple of 64 and zero-filled after it: every kernel reads whole blocks.
+fn padded(xs: &[f32], n: usize, cols: usize) -> Lines {
+    let pc = cols.next_multiple_of(BLOCK);
+    let mut lines = Lines::zeroed(n * pc * 4);
+    for (dst, src) in lines
+        .f32_mut()
+        .chunks_exact_mut(pc)
+        .zip(xs.chunks_exact(cols))
+    {
+        dst[..cols].copy_from_slice(src);
+    }
+    lines
 }
 
 /// Checks that the planes have the lengths the shape implies: the SIMD kernels index them without
@@ -468,4 +510,44 @@ fn for_row_runs<T: Send>(
     out.par_chunks_mut(run * per_row)
         .enumerate()
         .for_each(|(i, chunk)| f(i * run, chunk));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{Dense, SparseMatrix};
+    use crate::rng::{test_seed, Rng};
+
+    /// The streaming-store path of the decoders (taken only for outputs of 16 MiB and more by the
+    /// public functions) against the reference decode, on small shapes, at both alignments a row
+    /// can start at.
+    #[test]
+    fn streaming_decoders_match_the_reference() {
+        let mut rng = Rng::new(test_seed("streaming_decoders"));
+        for (rows, cols) in [(5, 200), (4, 64), (3, 100)] {
+            let w = rng.normal_vec(rows * cols, 0.02);
+            let d = Dense::f32(rows, cols, &w).unwrap();
+            let t = Tensor::Sparse(SparseMatrix::encode(&d, 128, None).unwrap());
+            let want = reference::decompress_f32(&t);
+            for simd in Simd::available() {
+                let k = simd.kernels().unwrap();
+                for shift in 0..2 {
+                    let mut out = Lines::zeroed((rows * cols + 4) * 4);
+                    let out = &mut out.f32_mut()[4 * shift..][..rows * cols];
+                    out.fill(f32::NAN);
+                    // SAFETY: the kernels come from `Simd::kernels`.
+                    unsafe { (k.decode_rows)(&t, 0, out, cols, true) };
+                    assert!(out
+                        .iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()));
+                    let mut out16 = vec![f16::NAN; rows * cols + 8];
+                    let out16 = &mut out16[shift * 4..][..rows * cols];
+                    unsafe { (k.decode_rows_f16)(&t, 0, out16, true) };
+                    let want16 = want.iter().map(|&v| f16::from_f32(v).to_bits());
+                    assert!(out16.iter().map(|h| h.to_bits()).eq(want16), "{simd:?}");
+                }
+            }
+        }
+    }
 }

@@ -163,7 +163,7 @@ unsafe fn dot(w: *const f32, x: *const f32, len: usize) -> f32 {
             load8(x.add(CHUNK * c)),
         );
     }
-    if len % CHUNK != 0 {
+    if !len.is_multiple_of(CHUNK) {
         let o = CHUNK * full;
         fma_at(
             &mut acc,
@@ -188,7 +188,7 @@ unsafe fn dot2(w0: *const f32, w1: *const f32, x: *const f32, len: usize) -> (f3
         fma_at(&mut a, c, load8(w0.add(o)), xv);
         fma_at(&mut b, c, load8(w1.add(o)), xv);
     }
-    if len % CHUNK != 0 {
+    if !len.is_multiple_of(CHUNK) {
         let o = CHUNK * full;
         let xv = load8(x.add(o));
         fma_at(&mut a, full, load_partial(w0.add(o), len % CHUNK), xv);
@@ -313,7 +313,7 @@ fn decode_row_fast(w: &Tensor, r: usize, row: &mut [f32], scales: &mut Vec<f32>)
 /// # Safety
 /// [`available`] must be true.
 #[target_feature(enable = "neon")]
-pub unsafe fn decode_rows(w: &Tensor, r0: usize, out: &mut [f32], stride: usize) {
+pub unsafe fn decode_rows(w: &Tensor, r0: usize, out: &mut [f32], stride: usize, _stream: bool) {
     let mut scales = Vec::new();
     for (i, row) in out.chunks_exact_mut(stride).enumerate() {
         if !decode_row_fast(w, r0 + i, row, &mut scales) {
@@ -327,7 +327,7 @@ pub unsafe fn decode_rows(w: &Tensor, r0: usize, out: &mut [f32], stride: usize)
 /// # Safety
 /// [`available`] must be true.
 #[target_feature(enable = "neon")]
-pub unsafe fn decode_rows_f16(w: &Tensor, r0: usize, out: &mut [f16]) {
+pub unsafe fn decode_rows_f16(w: &Tensor, r0: usize, out: &mut [f16], _stream: bool) {
     let cols = w.shape()[1];
     let mut scales = Vec::new();
     let mut row = vec![0.0f32; cols];

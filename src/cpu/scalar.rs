@@ -129,14 +129,14 @@ pub fn spmv_rows(w: &Tensor, r0: usize, x: &[f32], y: &mut [f32]) {
 }
 
 /// Rows `r0..` of `w` into `out`, `stride` values per row (`stride >= cols`, zero past `cols`).
-pub fn decode_rows(w: &Tensor, r0: usize, out: &mut [f32], stride: usize) {
+pub fn decode_rows(w: &Tensor, r0: usize, out: &mut [f32], stride: usize, _stream: bool) {
     for (i, row) in out.chunks_exact_mut(stride).enumerate() {
         decode_row(w, r0 + i, row);
     }
 }
 
 /// Rows `r0..` of `w` into `out` as f16 (round to nearest even), `cols` values per row.
-pub fn decode_rows_f16(w: &Tensor, r0: usize, out: &mut [f16]) {
+pub fn decode_rows_f16(w: &Tensor, r0: usize, out: &mut [f16], _stream: bool) {
     let cols = w.shape()[1];
     let mut row = vec![0.0f32; cols];
     for (i, o) in out.chunks_exact_mut(cols).enumerate() {
