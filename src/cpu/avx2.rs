@@ -245,7 +245,7 @@ unsafe fn dot(w: *const f32, x: *const f32, len: usize) -> f32 {
         );
         c += 1;
     }
-    if len % CHUNK != 0 {
+    if !len.is_multiple_of(CHUNK) {
         let o = CHUNK * c;
         let wv = load_partial(w.add(o), len % CHUNK);
         fma_at(&mut acc, c, wv, _mm256_loadu_ps(x.add(o)));
@@ -277,7 +277,7 @@ unsafe fn dot2(w0: *const f32, w1: *const f32, x: *const f32, len: usize) -> (f3
         fma_at(&mut b, c, _mm256_loadu_ps(w1.add(o)), xv);
         c += 1;
     }
-    if len % CHUNK != 0 {
+    if !len.is_multiple_of(CHUNK) {
         let o = CHUNK * c;
         let xv = _mm256_loadu_ps(x.add(o));
         fma_at(&mut a, c, load_partial(w0.add(o), len % CHUNK), xv);
@@ -348,6 +348,15 @@ pub unsafe fn spmv_rows(w: &Tensor, r0: usize, x: &[f32], y: &mut [f32]) {
             assert!(x.len() >= cols.next_multiple_of(CHUNK));
             for (i, yi) in y.iter_mut().enumerate() {
                 *yi = dot_f16(&values[(r0 + i) * cols..][..cols], xp);
+            }
+        }
+        Tensor::Q3(_) => {
+            // No SIMD decoder for q3 yet: the reference decode, then the shared dot product.
+            assert!(x.len() >= cols.next_multiple_of(CHUNK));
+            let mut row = vec![0.0f32; cols.next_multiple_of(CHUNK)];
+            for (i, yi) in y.iter_mut().enumerate() {
+                scalar::decode_row(w, r0 + i, &mut row);
+                *yi = dot(row.as_ptr(), xp, cols);
             }
         }
         Tensor::F32(m) => gemv_rows(&m.values[r0 * cols..], cols, x, y),
@@ -468,7 +477,7 @@ pub unsafe fn decode_rows_f16(w: &Tensor, r0: usize, out: &mut [f16]) {
                 row.copy_from_slice(&m.values[r * cols..][..cols]);
                 true
             }
-            Tensor::F32(_) => false,
+            Tensor::F32(_) | Tensor::Q3(_) => false,
         };
         if !done {
             scalar::decode_row(w, r, &mut f32_row);

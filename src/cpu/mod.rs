@@ -29,7 +29,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::format::sparse::{self, BLOCK, BLOCK_CODE_BYTES};
-use crate::format::{Q4Matrix, Tensor};
+use crate::format::{Q3Matrix, Q4Matrix, Tensor};
 
 /// Errors of the CPU kernels: what is wrong and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -398,7 +398,7 @@ fn overflow(what: &str, a: usize, b: usize) -> CpuError {
 
 /// `x` with zeros up to a multiple of 64 columns: every kernel reads whole blocks.
 fn padded(x: &[f32], cols: usize) -> Cow<'_, [f32]> {
-    if cols % BLOCK == 0 {
+    if cols.is_multiple_of(BLOCK) {
         return Cow::Borrowed(x);
     }
     let mut p = vec![0.0f32; cols.next_multiple_of(BLOCK)];
@@ -423,6 +423,13 @@ fn check_tensor(w: &Tensor) -> Result<()> {
         }
         Tensor::F32(m) => fits(m.values.len(), Some(cols)),
         Tensor::F16(m) => fits(m.values.len(), Some(cols)),
+        Tensor::Q3(m) => {
+            Q3Matrix::check_group(m.group).is_ok() && {
+                let padded = Q3Matrix::padded_cols(cols, m.group);
+                fits(m.codes.len(), Some(Q3Matrix::row_bytes(cols, m.group)))
+                    && fits(m.scales.len(), Some(padded / m.group))
+            }
+        }
         Tensor::Q4(m) => {
             Q4Matrix::check_group(m.group).is_ok() && {
                 let padded = Q4Matrix::padded_cols(cols, m.group);
