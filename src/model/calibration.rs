@@ -12,7 +12,6 @@ use super::backend::{AttentionShape, Backend};
 use super::checkpoint::Checkpoint;
 use super::cpu_backend::Cpu;
 use super::error::{ModelError, Result};
-use super::perplexity::windowed;
 use super::phi3::Phi3;
 use super::sampler::Sampler;
 use super::weights::{CodecPlan, HostWeights, Role, Weights};
@@ -28,13 +27,17 @@ pub struct ActivationNorms {
 }
 
 impl ActivationNorms {
-    /// Runs the checkpoint's exact (f32) model over `tokens` in windows of `ctx` and returns the input
-    /// norms of every linear layer.
+    /// Runs the checkpoint's exact (f32) model over `tokens` in consecutive windows of `ctx`, each from
+    /// position 0, and returns the input norms of every linear layer over all those positions.
     pub fn collect(ckpt: &Checkpoint, tokens: &[u32], ctx: usize) -> Result<Self> {
         let weights = HostWeights::from_checkpoint(ckpt, &CodecPlan::exact())?;
         let c = &ckpt.config;
         let mut model = Phi3::with_batch(c.clone(), weights, Recorder::default(), ctx, ctx)?;
-        windowed(&mut model, tokens, ctx)?;
+        // Windows as in evaluation, every token fed (only the last position's logits are computed).
+        for window in tokens.chunks(ctx.max(1)) {
+            model.reset();
+            model.forward(window)?;
+        }
         let rec = model.backend();
         // Backend::matrix sees the matrices in `Weights::convert`'s order; `Weights::build` names them
         // in the same order, so the n-th recorded matrix is the n-th linear name.
