@@ -326,14 +326,14 @@ fn q3_bit_planes_follow_the_documented_layout() {
     for r in 0..rows {
         m.decode_row(r, &mut out);
         let bytes = &m.codes[r * row_bytes..][..row_bytes];
-        for c in 0..cols {
+        for (c, &got) in out.iter().enumerate() {
             let word = |b: usize| {
                 let at = (c / 32 * 3 + b) * 4;
                 u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap())
             };
             let code = (0..3).fold(0u32, |acc, b| acc | ((word(b) >> (c % 32)) & 1) << b);
             let s = m.scales[r * cols.div_ceil(group) + c / group].to_f32();
-            assert_eq!(out[c], s * (2.0 * code as f32 - 7.0), "row {r} col {c}");
+            assert_eq!(got, s * (2.0 * code as f32 - 7.0), "row {r} col {c}");
         }
     }
 }
