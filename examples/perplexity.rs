@@ -65,7 +65,7 @@ impl Codecs {
             Codecs::F16 => "dense f16",
             Codecs::Q4 => "dense q4, group 32",
             Codecs::Sparse => "50% sparse (32 of every 64), magnitude saliency",
-            Codecs::SparseWanda => "50% sparse, Wanda saliency (|w| x ||x_col||)",
+            Codecs::SparseWanda => "50% sparse, Wanda saliency (magnitude x input-column norm)",
             Codecs::Q3 => "dense q3, group 128 (equal bits to sparse)",
             Codecs::Compressed => "default plan: sparse (magnitude) + q4 embed",
         }
