@@ -4,6 +4,7 @@
 //! cargo run --release --example perplexity                                  # built-in model, exact f32
 //! cargo run --release --example perplexity -- --codecs sparse-wanda --max-tokens 4096
 //! cargo run --release --example perplexity -- --table                      # QUALITY.md's table
+//! cargo run --release --example perplexity -- --norm-stats                 # Wanda's activation norms
 //! ```
 //!
 //! Windowing as models/tiny-fortunes/perplexity.json: the %-separated text is tokenized fortune by
@@ -107,6 +108,10 @@ struct Args {
     /// Every codec plan in turn, printed as QUALITY.md's markdown table.
     #[arg(long)]
     table: bool,
+    /// Print how uneven the calibration activation norms are per linear layer (max and 99th
+    /// percentile over the median of its input columns), then stop.
+    #[arg(long)]
+    norm_stats: bool,
 }
 
 fn main() -> ExitCode {
@@ -194,6 +199,28 @@ fn run(args: Args) -> Result<(), Error> {
         norms = Some(n.clone());
         Ok(n)
     };
+
+    if args.norm_stats {
+        let Source::Folder(ckpt) = &source else {
+            return Err("--norm-stats runs the checkpoint: give a model folder".into());
+        };
+        let n = norms_for(ckpt)?;
+        let mut names: Vec<&String> = n.norms.keys().collect();
+        names.sort();
+        println!("| linear layer input | max / median | p99 / median |");
+        println!("|---|---:|---:|");
+        for name in names {
+            let mut v = n.norms[name].clone();
+            v.sort_by(f32::total_cmp);
+            let median = v[v.len() / 2];
+            println!(
+                "| {name} | {:.1} | {:.1} |",
+                v[v.len() - 1] / median,
+                v[v.len() * 99 / 100] / median
+            );
+        }
+        return Ok(());
+    }
 
     let mut measure = |codecs: Codecs| -> Result<Measured, Error> {
         let weights = match &source {
