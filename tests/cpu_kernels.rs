@@ -12,7 +12,7 @@
 
 use half::f16;
 use upg::cpu::{self, reference, CpuError, Simd};
-use upg::format::{Dense, DenseF16, DenseF32, Q4Matrix, SparseMatrix, Tensor};
+use upg::format::{Dense, DenseF16, DenseF32, Q3Matrix, Q4Matrix, SparseMatrix, Tensor};
 use upg::rng::{test_seed, Rng};
 
 /// One block; a partial block; a padded last block with an odd group count; several groups; a
@@ -28,7 +28,8 @@ const SHAPES: &[(usize, usize)] = &[
 
 const TOLERANCE: f64 = 1e-5;
 
-/// The matrix in every codec: sparse with groups of 1, 2 and 3 blocks, f32, f16, q4 with both groups.
+/// The matrix in every codec: sparse with groups of 1, 2 and 3 blocks, f32, f16, q4 with both groups,
+/// q3 with groups 32 and 128.
 fn all_codecs(w: &[f32], rows: usize, cols: usize) -> Vec<(String, Tensor)> {
     let d = Dense::f32(rows, cols, w).unwrap();
     let mut out = Vec::new();
@@ -44,6 +45,12 @@ fn all_codecs(w: &[f32], rows: usize, cols: usize) -> Vec<(String, Tensor)> {
         out.push((
             format!("q4/g{group}"),
             Tensor::Q4(Q4Matrix::encode(&d, group).unwrap()),
+        ));
+    }
+    for group in [32, 128] {
+        out.push((
+            format!("q3/g{group}"),
+            Tensor::Q3(Q3Matrix::encode(&d, group).unwrap()),
         ));
     }
     out

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+use upg::model::perplexity::{document_stream, token_nll};
 use upg::model::{Checkpoint, CodecPlan, Cpu, HostWeights, Phi3, Sampler, TextTokenizer};
 use upg::rng::{test_seed, Rng};
 
@@ -86,11 +87,7 @@ fn greedy_matches_transformers() {
 /// BOS, concatenated.
 fn heldout_stream(tokenizer: &TextTokenizer) -> Vec<u32> {
     let text = std::fs::read_to_string(builtin().join("heldout.txt")).unwrap();
-    let mut out = Vec::new();
-    for fortune in text.split("\n%\n").filter(|f| !f.is_empty()) {
-        out.extend(tokenizer.encode(fortune, true).unwrap());
-    }
-    out
+    document_stream(tokenizer, &text).unwrap()
 }
 
 /// Perplexity over the first tokens of the held-out stream, with the script's settings: consecutive
@@ -129,15 +126,7 @@ fn heldout_perplexity_matches_transformers() {
             fed += n;
         }
         for (pos, &next) in window.iter().enumerate().skip(1) {
-            let row = &logits[(pos - 1) * vocab..pos * vocab];
-            let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-            let lse = max
-                + row
-                    .iter()
-                    .map(|&x| (x as f64 - max).exp())
-                    .sum::<f64>()
-                    .ln();
-            nll += lse - row[next as usize] as f64;
+            nll += token_nll(&logits[(pos - 1) * vocab..pos * vocab], next);
             count += 1;
         }
     }
