@@ -12,6 +12,10 @@
 //! the cache (at least 256 MB of them, at most 256 copies). GB/s counts the codec's stored bytes (spmv:
 //! the file's 25 bytes per 64 weights; gemv_f16: 2 bytes a weight; decompress: compressed bytes read
 //! plus f16 bytes written; copy: bytes read plus written). % copy compares with the copy kernel.
+//!
+//! `pp` and `tg` (ops `pp`, `tg`) are prompt processing and token generation on a synthetic model
+//! (`--model-size tiny|phi-4-mini|phi-4`), like llama-bench's pp512 / tg128: tok/s in `tok_s`.
+//! `--merge a.json b.json ...` prints one table from the JSON files of several machines.
 
 use std::time::{Duration, Instant};
 
@@ -31,9 +35,21 @@ struct Args {
     /// Adapter name substring, `all` for every adapter, or `cpu` for the CPU path.
     #[arg(long)]
     adapter: Option<String>,
-    /// Comma-separated: copy, spmv, gemv_f16, decompress.
-    #[arg(long, default_value = "copy,spmv,gemv_f16,decompress")]
+    /// Comma-separated: copy, spmv, gemv_f16, decompress, pp, tg.
+    #[arg(long, default_value = "copy,spmv,gemv_f16,decompress,pp,tg")]
     ops: String,
+    /// Synthetic model of the pp / tg rows: tiny, phi-4-mini or phi-4.
+    #[arg(long, default_value = "tiny")]
+    model_size: String,
+    /// Prompt tokens of the pp row.
+    #[arg(long, default_value_t = 512)]
+    pp: usize,
+    /// Generated tokens of the tg row.
+    #[arg(long, default_value_t = 128)]
+    tg: usize,
+    /// Print one table from these JSON files (from --json runs on any machines) and exit.
+    #[arg(long, num_args = 1..)]
+    merge: Vec<std::path::PathBuf>,
     /// Comma-separated shapes: N (N x N), RxC (rows x cols), `square` (512..5120), `phi4`.
     #[arg(long, default_value = "square,phi4")]
     shapes: String,
@@ -91,31 +107,139 @@ fn parse_shapes(s: &str) -> Result<Vec<(usize, usize)>, String> {
     Ok(out)
 }
 
-#[derive(serde::Serialize, Clone)]
+/// One measurement: the JSON record of `--json`, the same fields on every machine so files merge.
+#[derive(serde::Serialize, serde::Deserialize, Clone)]
 struct Row {
     adapter: String,
     backend: String,
+    device_type: String,
+    driver: String,
     op: String,
     variant: String,
+    /// "RxC", or the token count of pp / tg rows, or "-" for copy.
+    shape: String,
     rows: usize,
     cols: usize,
-    timing: &'static str,
+    /// "gpu-timestamp" or "wall".
+    timer: String,
     runs: usize,
     copies: usize,
     median_us: f64,
     min_us: f64,
+    max_us: f64,
     p10_us: f64,
     p90_us: f64,
     bytes: u64,
     gbps: f64,
-    pct_copy: Option<f64>,
+    pct_of_copy: Option<f64>,
+    /// pp / tg rows: tokens per second.
+    tok_s: Option<f64>,
+    /// The seed project's time for the same op and shape divided by ours (> 1: faster), where the seed
+    /// measured one (see [`seed_us`]).
+    vs_seed: Option<f64>,
 }
 
-/// Median, minimum, 10th and 90th percentiles of `t`.
-fn stats(t: &mut [f64]) -> (f64, f64, f64, f64) {
+/// The seed project's published figures, microseconds: CPU SpMV at 5120 x 5120 (13.3 ms), CPU
+/// decompression of 5120 x 5120 (16.3 ms, to f32; compared with our f16 output, which writes half the
+/// bytes), and its projected Phi-4 decode of 55 tok/s.
+fn seed_us(backend: &str, op: &str, shape: &str, model: &str) -> Option<f64> {
+    match (backend == "cpu", op, shape) {
+        (true, "spmv", "5120x5120") => Some(13_300.0),
+        (true, "decompress", "5120x5120") => Some(16_300.0),
+        (_, "tg", _) if model == "phi-4" => Some(1e6 / 55.0),
+        _ => None,
+    }
+}
+
+/// Where a row was measured.
+#[derive(Clone)]
+struct Device {
+    adapter: String,
+    backend: String,
+    device_type: String,
+    driver: String,
+}
+
+impl Device {
+    fn of(gpu: &Gpu) -> Self {
+        let i = gpu.info();
+        Self {
+            adapter: i.name.clone(),
+            backend: format!("{:?}", i.backend),
+            device_type: format!("{:?}", i.device_type),
+            driver: format!("{} {}", i.driver, i.driver_info).trim().to_string(),
+        }
+    }
+
+    fn cpu() -> Self {
+        Self {
+            adapter: format!(
+                "CPU path ({})",
+                upg::cpu::Simd::detect().map_or("scalar", |s| s.name())
+            ),
+            backend: "cpu".into(),
+            device_type: "Cpu".into(),
+            driver: format!("{} threads", rayon::current_num_threads()),
+        }
+    }
+
+    /// A row from sorted times `t` (microseconds).
+    #[allow(clippy::too_many_arguments)]
+    fn row(
+        &self,
+        op: &str,
+        variant: String,
+        (rows, cols): (usize, usize),
+        timer: &str,
+        copies: usize,
+        t: &mut [f64],
+        bytes: u64,
+        copy_gbps: Option<f64>,
+    ) -> Row {
+        let (median, min, max, p10, p90) = stats(t);
+        let gbps = bytes as f64 / median / 1e3;
+        let pct_of_copy = copy_gbps.filter(|_| op != "copy").map(|c| 100.0 * gbps / c);
+        eprintln!(
+            "{:<24} {op:<11} {variant:<16} {rows:>6} x {cols:<6} {median:>10.1} us {gbps:>8.1} GB/s {}",
+            self.adapter,
+            pct_of_copy.map_or(String::new(), |p| format!("{p:5.1}% of copy"))
+        );
+        Row {
+            adapter: self.adapter.clone(),
+            backend: self.backend.clone(),
+            device_type: self.device_type.clone(),
+            driver: self.driver.clone(),
+            op: op.into(),
+            variant,
+            shape: if op == "copy" {
+                "-".into()
+            } else {
+                format!("{rows}x{cols}")
+            },
+            rows,
+            cols,
+            timer: timer.into(),
+            runs: t.len(),
+            copies,
+            median_us: median,
+            min_us: min,
+            max_us: max,
+            p10_us: p10,
+            p90_us: p90,
+            bytes,
+            gbps,
+            pct_of_copy,
+            tok_s: None,
+            vs_seed: seed_us(&self.backend, op, &format!("{rows}x{cols}"), "").map(|s| s / median),
+        }
+    }
+}
+
+/// Median, minimum, maximum, 10th and 90th percentiles of `t`.
+fn stats(t: &mut [f64]) -> (f64, f64, f64, f64, f64) {
     t.sort_by(f64::total_cmp);
     let q = |f: f64| t[((t.len() - 1) as f64 * f) as usize];
-    (q(0.5), t[0], q(0.1), q(0.9))
+    (q(0.5), t[0], t[t.len() - 1], q(0.1), q(0.9))
 }
 
 /// Times `runs` dispatches recorded by `record(pass, i)`, each in its own pass: GPU timestamps when the
@@ -197,8 +321,7 @@ fn random_f16(rows: usize, cols: usize, seed: u64) -> Tensor {
 
 struct Bench<'a> {
     args: &'a Args,
-    name: String,
-    backend: String,
+    device: Device,
     copy_gbps: Option<f64>,
     rows: Vec<Row>,
 }
@@ -222,35 +345,18 @@ impl Bench<'_> {
         while start.elapsed() < Duration::from_millis(self.args.warm_ms) {
             time_runs(gpu, 20, &mut record)?;
         }
-        let (mut t, timing) = time_runs(gpu, self.args.runs, &mut record)?;
-        let (median, min, p10, p90) = stats(&mut t);
-        let gbps = bytes as f64 / median / 1e3;
-        let pct_copy = self
-            .copy_gbps
-            .filter(|_| op != "copy")
-            .map(|c| 100.0 * gbps / c);
-        eprintln!(
-            "{op:<11} {variant:<16} {rows:>6} x {cols:<6} {median:>10.1} us {gbps:>8.1} GB/s {}",
-            pct_copy.map_or(String::new(), |p| format!("{p:5.1}% of copy"))
-        );
-        self.rows.push(Row {
-            adapter: self.name.clone(),
-            backend: self.backend.clone(),
-            op: op.into(),
+        let (mut t, timer) = time_runs(gpu, self.args.runs, &mut record)?;
+        let row = self.device.row(
+            op,
             variant,
-            rows,
-            cols,
-            timing,
-            runs: self.args.runs,
+            (rows, cols),
+            timer,
             copies,
-            median_us: median,
-            min_us: min,
-            p10_us: p10,
-            p90_us: p90,
+            &mut t,
             bytes,
-            gbps,
-            pct_copy,
-        });
+            self.copy_gbps,
+        );
+        self.rows.push(row);
         Ok(())
     }
 
@@ -344,12 +450,19 @@ fn uploads(gpu: &Gpu, w: &Tensor) -> upg::gpu::Result<Vec<GpuMatrix>> {
     (0..n).map(|_| gpu.upload(w)).collect()
 }
 
+/// The adapter to open: a name substring, and one backend when the name alone is ambiguous (the same
+/// device can be offered through Vulkan and GL).
+type Pick = (String, Option<wgpu::Backend>);
+
 fn options(
     args: &Args,
-    adapter: &str,
+    (adapter, backend): &Pick,
     spmv: &[(String, f64)],
 ) -> Result<GpuOptions, upg::gpu::GpuError> {
-    let env = GpuOptions::from_env()?;
+    let mut env = GpuOptions::from_env()?;
+    if let Some(b) = backend {
+        env.backends = wgpu::Backends::from(*b);
+    }
     Ok(GpuOptions {
         adapter: (!adapter.is_empty())
             .then(|| adapter.to_string())
@@ -362,7 +475,7 @@ fn options(
 
 fn bench_gpu(
     args: &Args,
-    adapter: &str,
+    adapter: &Pick,
     ops: &[&str],
     shapes: &[(usize, usize)],
 ) -> Result<Vec<Row>, Box<dyn std::error::Error>> {
@@ -389,8 +502,7 @@ fn bench_gpu(
     };
     let mut bench = Bench {
         args,
-        name: gpu.info().name.clone(),
-        backend: format!("{:?}", gpu.info().backend),
+        device: Device::of(&gpu),
         copy_gbps: None,
         rows: Vec::new(),
     };
@@ -400,7 +512,7 @@ fn bench_gpu(
     for &shape in shapes {
         let mut rng = Rng::new(args.seed);
         let sparse = Tensor::Sparse(SparseMatrix::random(shape.0, shape.1, 128, &mut rng)?);
-        for &op in ops.iter().filter(|&&o| o != "copy") {
+        for &op in ops.iter().filter(|&&o| !matches!(o, "copy" | "pp" | "tg")) {
             if op == "spmv" && !others.is_empty() {
                 for (set, g) in &others {
                     bench.op(g, op, shape, &sparse, &format!("{checks} {set}"))?;
@@ -410,77 +522,184 @@ fn bench_gpu(
             }
         }
     }
-    Ok(bench.rows)
+    let device = bench.device.clone();
+    let mut rows = bench.rows;
+    if ops.iter().any(|o| matches!(*o, "pp" | "tg")) {
+        let backend = upg::model::GpuBackend::new(gpu, true)?;
+        rows.extend(bench_model(args, ops, &device, backend)?);
+    }
+    Ok(rows)
 }
 
-/// The CPU path: the same products through `upg::cpu`, timed by wall clock.
-fn bench_cpu(args: &Args, ops: &[&str], shapes: &[(usize, usize)]) -> Vec<Row> {
+/// pp and tg rows: prompt processing and generation speed of a synthetic model on `backend`.
+fn bench_model<B: upg::model::Backend>(
+    args: &Args,
+    ops: &[&str],
+    device: &Device,
+    backend: B,
+) -> Result<Vec<Row>, Box<dyn std::error::Error>> {
+    use upg::model::{synthetic, CodecPlan, Config, Phi3, Sampler};
+    let config = Config::preset(&args.model_size)?;
+    let weights = synthetic(&config, args.seed, &CodecPlan::compressed());
+    let bytes = weights.stored_bytes() as u64;
+    let ctx = (args.pp + args.tg).min(config.max_position_embeddings);
+    let mut model = Phi3::new(config.clone(), weights, backend, ctx)?;
+    let mut rng = Rng::new(args.seed);
+    let mut tokens = |n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|_| rng.below(config.vocab_size) as u32)
+            .collect()
+    };
+    let mut rows = Vec::new();
+    let push = |op: &str, n: usize, secs: f64, rows: &mut Vec<Row>| {
+        let mut t = [secs * 1e6 / n as f64];
+        let mut r = device.row(
+            op,
+            args.model_size.clone(),
+            (0, 0),
+            "wall",
+            1,
+            &mut t,
+            bytes,
+            None,
+        );
+        r.shape = format!("{op}{n}");
+        r.tok_s = Some(n as f64 / secs);
+        r.vs_seed = seed_us(&r.backend, op, "", &args.model_size).map(|s| s / t[0]);
+        eprintln!(
+            "{:<24} {op}{n}: {:.1} tok/s",
+            device.adapter,
+            n as f64 / secs
+        );
+        rows.push(r);
+    };
+    // One untimed pass builds the pipelines.
+    model.forward(&tokens(1))?;
+    model.sample(&mut Sampler::greedy())?;
+    if ops.contains(&"pp") {
+        model.reset();
+        let prompt = tokens(args.pp.min(ctx));
+        let start = Instant::now();
+        model.forward(&prompt)?;
+        model.sample(&mut Sampler::greedy())?;
+        push("pp", prompt.len(), start.elapsed().as_secs_f64(), &mut rows);
+    }
+    if ops.contains(&"tg") {
+        model.reset();
+        let first = tokens(1);
+        let n = args.tg.min(ctx - 1);
+        let out = model.generate(&first, n + 1, &mut Sampler::greedy(), &[], |_| {})?;
+        push("tg", n, out.decode_time.as_secs_f64(), &mut rows);
+    }
+    Ok(rows)
+}
+
+/// The CPU path: the same ops through `upg::cpu` (SIMD, all cores), timed by wall clock.
+fn bench_cpu(
+    args: &Args,
+    ops: &[&str],
+    shapes: &[(usize, usize)],
+) -> Result<Vec<Row>, Box<dyn std::error::Error>> {
+    let device = Device::cpu();
+    let runs = args.runs.clamp(1, 20);
     let mut out = Vec::new();
+    let time = |f: &mut dyn FnMut() -> Result<(), upg::cpu::CpuError>| -> Result<Vec<f64>, upg::cpu::CpuError> {
+        f()?;
+        (0..runs)
+            .map(|_| {
+                let start = Instant::now();
+                f().map(|()| start.elapsed().as_secs_f64() * 1e6)
+            })
+            .collect()
+    };
+    let mut copy_gbps = None;
+    if ops.contains(&"copy") {
+        let n = (args.copy_mib.min(256) << 20) as usize;
+        let (a, mut b) = (vec![1u8; n], vec![0u8; n]);
+        let mut t = time(&mut || {
+            b.par_chunks_mut(1 << 20)
+                .zip(a.par_chunks(1 << 20))
+                .for_each(|(d, s)| d.copy_from_slice(s));
+            Ok(())
+        })?;
+        let r = device.row(
+            "copy",
+            format!("{} MiB", n >> 20),
+            (0, 0),
+            "wall",
+            1,
+            &mut t,
+            2 * n as u64,
+            None,
+        );
+        copy_gbps = Some(r.gbps);
+        out.push(r);
+    }
     for &(rows, cols) in shapes {
         let mut rng = Rng::new(args.seed);
-        let Ok(sparse) = SparseMatrix::random(rows, cols, 128, &mut rng) else {
-            continue;
-        };
-        let sparse = Tensor::Sparse(sparse);
+        let sparse = Tensor::Sparse(SparseMatrix::random(rows, cols, 128, &mut rng)?);
         let x = rng.normal_vec(cols, 1.0);
         let mut y = vec![0.0; rows];
         for &op in ops {
-            let (w, bytes) = match op {
-                "spmv" => (&sparse, sparse.stored_bytes() as u64),
+            let (mut t, bytes) = match op {
+                "spmv" => (
+                    time(&mut || upg::cpu::spmv(&sparse, &x, &mut y))?,
+                    sparse.stored_bytes() as u64,
+                ),
+                "gemv_f16" => {
+                    let w = random_f16(rows, cols, args.seed);
+                    (
+                        time(&mut || upg::cpu::spmv(&w, &x, &mut y))?,
+                        w.stored_bytes() as u64,
+                    )
+                }
+                "decompress" => {
+                    let mut d = vec![f16::ZERO; rows * cols];
+                    let t = time(&mut || upg::cpu::decompress_f16(&sparse, &mut d))?;
+                    (t, (sparse.stored_bytes() + rows * cols * 2) as u64)
+                }
                 _ => continue,
             };
-            let runs = args.runs.clamp(1, 5);
-            let mut t: Vec<f64> = (0..runs)
-                .map(|_| {
-                    let start = Instant::now();
-                    upg::cpu::reference::spmv(w, &x, &mut y);
-                    start.elapsed().as_secs_f64() * 1e6
-                })
-                .collect();
-            let (median, min, p10, p90) = stats(&mut t);
-            let gbps = bytes as f64 / median / 1e3;
-            eprintln!("cpu {op:<11} {rows:>6} x {cols:<6} {median:>10.1} us {gbps:>8.2} GB/s");
-            out.push(Row {
-                adapter: "CPU path (upg::cpu::reference)".into(),
-                backend: "cpu".into(),
-                op: op.into(),
-                variant: "scalar".into(),
-                rows,
-                cols,
-                timing: "wall",
-                runs,
-                copies: 1,
-                median_us: median,
-                min_us: min,
-                p10_us: p10,
-                p90_us: p90,
+            let variant = if op == "decompress" { "f16" } else { "" };
+            out.push(device.row(
+                op,
+                variant.into(),
+                (rows, cols),
+                "wall",
+                1,
+                &mut t,
                 bytes,
-                gbps,
-                pct_copy: None,
-            });
+                copy_gbps,
+            ));
         }
     }
-    out
+    if ops.iter().any(|o| matches!(*o, "pp" | "tg")) {
+        out.extend(bench_model(args, ops, &device, upg::model::Cpu::new())?);
+    }
+    Ok(out)
 }
 
 fn print_table(rows: &[Row]) {
-    println!("| adapter | op | variant | rows x cols | timing | median us | GB/s | % of copy |");
-    println!("|---|---|---|---|---|---:|---:|---:|");
+    println!("| adapter | backend | type | op | variant | shape | timer | median us | min-max us | GB/s | % of copy | tok/s | vs seed |");
+    println!("|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|");
+    let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("-".to_string(), f);
     for r in rows {
-        let shape = if r.op == "copy" {
-            "-".to_string()
-        } else {
-            format!("{} x {}", r.rows, r.cols)
-        };
         println!(
-            "| {} | {} | {} | {shape} | {} | {:.1} | {:.0} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1}-{:.1} | {:.3} | {} | {} | {} |",
             r.adapter,
+            r.backend,
+            r.device_type,
             r.op,
             r.variant,
-            r.timing,
+            r.shape,
+            r.timer,
             r.median_us,
+            r.min_us,
+            r.max_us,
             r.gbps,
-            r.pct_copy.map_or("-".to_string(), |p| format!("{p:.0}%"))
+            opt(r.pct_of_copy, &|p| format!("{p:.0}%")),
+            opt(r.tok_s, &|t| format!("{t:.1}")),
+            opt(r.vs_seed, &|v| format!("{v:.2}x")),
         );
     }
 }
@@ -494,9 +713,22 @@ fn main() {
 }
 
 fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    if !args.merge.is_empty() {
+        let mut rows: Vec<Row> = Vec::new();
+        for path in &args.merge {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let more: Vec<Row> = serde_json::from_str(&text)
+                .map_err(|e| format!("{}: not a bench JSON file: {e}", path.display()))?;
+            rows.extend(more);
+        }
+        print_table(&rows);
+        return Ok(());
+    }
+    // UPG_BACKEND=cpu (or a machine with no GPU) leaves the CPU path alone.
     let backends = GpuOptions::from_env()
         .map(|o| o.backends)
-        .unwrap_or(wgpu::Backends::all());
+        .unwrap_or(wgpu::Backends::empty());
     let adapters = Gpu::adapters(backends);
     println!("| # | adapter | backend | type | driver | f16 | subgroups | timestamps |");
     println!("|---|---|---|---|---|---|---|---|");
@@ -514,20 +746,25 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let ops: Vec<&str> = args.ops.split(',').map(str::trim).collect();
     let which = args.adapter.clone().unwrap_or_default().to_lowercase();
     let mut rows = Vec::new();
-    let names: Vec<Option<String>> = match which.as_str() {
+    let names: Vec<Option<Pick>> = match which.as_str() {
         "all" => adapters
             .iter()
-            .map(|a| Some(a.name.clone()))
+            .map(|a| Some((a.name.clone(), Some(a.backend))))
             .chain([None])
             .collect(),
         "cpu" => vec![None],
-        "" => vec![Some(String::new())],
-        _ => vec![Some(which.clone())],
+        "" => vec![Some((String::new(), None))],
+        _ => vec![Some((which.clone(), None))],
     };
     for name in names {
         match name {
+            // No adapter and none asked for by name: the CPU rows alone, so the tool runs anywhere.
+            Some(name) if name.0.is_empty() && adapters.is_empty() => {
+                eprintln!("no GPU adapter: measuring the CPU path only");
+                rows.extend(bench_cpu(args, &ops, &shapes)?)
+            }
             Some(name) => rows.extend(bench_gpu(args, &name, &ops, &shapes)?),
-            None => rows.extend(bench_cpu(args, &ops, &shapes)),
+            None => rows.extend(bench_cpu(args, &ops, &shapes)?),
         }
     }
     print_table(&rows);

@@ -1,7 +1,7 @@
 //! Generate text with a Phi-3 family model.
 //!
 //! ```text
-//! cargo run --release --example generate                       # the tiny test model in tests/fixtures
+//! cargo run --release --example generate                       # the built-in model, models/tiny-fortunes
 //! cargo run --release --example generate -- --model ~/phi-4 --prompt "Why is the sky blue?"
 //! cargo run --release --example generate -- --synthetic phi-4 --max-tokens 16   # random weights, speed
 //! ```
@@ -41,18 +41,21 @@ enum Codecs {
 #[command(about = "Generate text with a Phi-3 family model (Phi-4, Phi-4-mini, Phi-3.5-mini)")]
 struct Args {
     /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json) or a .upg file from
-    /// `convert`. Default: the tiny test model in tests/fixtures/phi3-tiny.
+    /// `convert`. Default: the built-in models/tiny-fortunes, a 3.9M-parameter Phi-3 trained on the
+    /// fortune cookies of Debian's `fortunes` package (scripts/train_tiny_model.py). It has only seen
+    /// plain text, so its prompt is always fed raw: it continues the prompt as a fortune.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Random weights of a built-in shape instead of a checkpoint: phi-4, phi-4-mini or tiny.
     #[arg(long, conflicts_with = "model")]
     synthetic: Option<String>,
-    #[arg(long, default_value = "Tell me about the little robot.")]
+    /// The start of a fortune for the built-in model; a question or instruction for chat models.
+    #[arg(long, default_value = "A man who")]
     prompt: String,
     /// System message for the chat template.
     #[arg(long)]
     system: Option<String>,
-    /// Feed the prompt as is, without the chat template.
+    /// Feed the prompt as is, without the chat template (always so for the built-in model).
     #[arg(long)]
     raw: bool,
     #[arg(long, default_value_t = 64)]
@@ -111,8 +114,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             (config, weights, None, prompt)
         }
         None => {
+            let builtin = args.model.is_none();
             let dir = args.model.clone().unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/phi3-tiny")
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-fortunes")
             });
             let (config, weights, tokenizer) = if dir.is_file() {
                 let m = upg::model::convert::load(&dir)?;
@@ -130,7 +134,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 let weights = HostWeights::from_checkpoint(&ckpt, &plan)?;
                 (ckpt.config.clone(), weights, tokenizer)
             };
-            let prompt = if args.raw {
+            let prompt = if args.raw || builtin {
+                // A raw prompt is the start of the text: print it so the output reads whole.
+                print!("{}", args.prompt);
                 tokenizer.encode(&args.prompt, true)?
             } else {
                 let mut messages = Vec::new();
@@ -253,6 +259,10 @@ fn decode<B: Backend>(
         let _ = write!(stdout, "{piece}").and_then(|_| stdout.flush());
     })?;
     println!();
+    let stats = model.backend().stats();
+    if !stats.is_empty() {
+        eprintln!("{stats}");
+    }
     if let Some(e) = failed {
         return Err(e.into());
     }

@@ -5,10 +5,16 @@
 //! - [`cpu`]: the scalar reference kernels and the fast CPU kernels.
 //! - [`gpu`]: the wgpu context and one launcher per WGSL kernel.
 //! - [`model`]: the Phi-3 family driver.
-//! - [`backend`]: y = W x on the GPU when there is one, else on the CPU.
+//! - [`device`]: y = W x on the GPU when there is one, else on the CPU.
 
-pub mod backend;
+// Input and the device reach library code: errors, never panics (tests may unwrap).
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
 pub mod cpu;
+pub mod device;
 pub mod format;
 pub mod gpu;
 pub mod model;

@@ -48,6 +48,21 @@ impl Rng {
     pub fn normal_vec(&mut self, n: usize, std: f32) -> Vec<f32> {
         (0..n).map(|_| self.normal() * std).collect()
     }
+
+    /// `n` weights shaped like a trained layer's: a normal core (std 0.02) with one in 50 an outlier
+    /// eight times larger, so that pruning and scale choice meet realistic tails.
+    pub fn weights(&mut self, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let w = self.normal() * 0.02;
+                if self.below(50) == 0 {
+                    w * 8.0
+                } else {
+                    w
+                }
+            })
+            .collect()
+    }
 }
 
 /// The seed for a test run: `UPG_SEED` when set (to replay a failure), otherwise fresh from the clock.

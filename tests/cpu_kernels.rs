@@ -12,7 +12,7 @@
 
 use half::f16;
 use upg::cpu::{self, reference, CpuError, Simd};
-use upg::format::{Dense, DenseF16, DenseF32, Q4Matrix, SparseMatrix, Tensor};
+use upg::format::{Dense, DenseF16, DenseF32, Q3Matrix, Q4Matrix, SparseMatrix, Tensor};
 use upg::rng::{test_seed, Rng};
 
 /// One block; a partial block; a padded last block with an odd group count; several groups; a
@@ -28,21 +28,8 @@ const SHAPES: &[(usize, usize)] = &[
 
 const TOLERANCE: f64 = 1e-5;
 
-fn random_weights(rng: &mut Rng, rows: usize, cols: usize) -> Vec<f32> {
-    // A normal core with occasional outliers, like real weights.
-    (0..rows * cols)
-        .map(|_| {
-            let w = rng.normal() * 0.02;
-            if rng.below(50) == 0 {
-                w * 8.0
-            } else {
-                w
-            }
-        })
-        .collect()
-}
-
-/// The matrix in every codec: sparse with groups of 1, 2 and 3 blocks, f32, f16, q4 with both groups.
+/// The matrix in every codec: sparse with groups of 1, 2 and 3 blocks, f32, f16, q4 with both groups,
+/// q3 with groups 32 and 128.
 fn all_codecs(w: &[f32], rows: usize, cols: usize) -> Vec<(String, Tensor)> {
     let d = Dense::f32(rows, cols, w).unwrap();
     let mut out = Vec::new();
@@ -58,6 +45,12 @@ fn all_codecs(w: &[f32], rows: usize, cols: usize) -> Vec<(String, Tensor)> {
         out.push((
             format!("q4/g{group}"),
             Tensor::Q4(Q4Matrix::encode(&d, group).unwrap()),
+        ));
+    }
+    for group in [32, 128] {
+        out.push((
+            format!("q3/g{group}"),
+            Tensor::Q3(Q3Matrix::encode(&d, group).unwrap()),
         ));
     }
     out
@@ -132,7 +125,7 @@ fn spmv_matches_the_f64_product_and_the_scalar_reference() {
     let mut rng = Rng::new(test_seed("spmv"));
     let (mut worst64, mut worst_ref) = (0.0f64, 0.0f64);
     for &(rows, cols) in SHAPES {
-        let w = random_weights(&mut rng, rows, cols);
+        let w = rng.weights(rows * cols);
         let x = rng.normal_vec(cols, 1.0);
         for (codec, t) in all_codecs(&w, rows, cols) {
             let decoded = reference::decompress_f32(&t);
@@ -160,7 +153,7 @@ fn spmv_matches_the_f64_product_and_the_scalar_reference() {
 fn spmm_equals_spmv_per_vector_bit_for_bit() {
     let mut rng = Rng::new(test_seed("spmm"));
     for &(rows, cols) in SHAPES {
-        let w = random_weights(&mut rng, rows, cols);
+        let w = rng.weights(rows * cols);
         for (codec, t) in all_codecs(&w, rows, cols) {
             for n in [1, 5] {
                 let xs = rng.normal_vec(n * cols, 1.0);
@@ -189,7 +182,7 @@ fn spmm_equals_spmv_per_vector_bit_for_bit() {
 fn decompress_reproduces_the_reference_decode_bit_for_bit() {
     let mut rng = Rng::new(test_seed("decompress"));
     for &(rows, cols) in SHAPES {
-        let w = random_weights(&mut rng, rows, cols);
+        let w = rng.weights(rows * cols);
         for (codec, t) in all_codecs(&w, rows, cols) {
             let want32 = reference::decompress_f32(&t);
             let want16: Vec<f16> = want32.iter().map(|&v| f16::from_f32(v)).collect();
@@ -223,7 +216,7 @@ fn decompress_reproduces_the_reference_decode_bit_for_bit() {
 fn zero_scales_keep_the_reference_signed_zeros() {
     let mut rng = Rng::new(test_seed("zero_scales"));
     let (rows, cols) = (9, 600);
-    let w = random_weights(&mut rng, rows, cols);
+    let w = rng.weights(rows * cols);
     let d = Dense::f32(rows, cols, &w).unwrap();
     let zero_some = |scales: &[f16], rng: &mut Rng| -> Vec<f16> {
         scales
@@ -278,7 +271,7 @@ fn zero_scales_keep_the_reference_signed_zeros() {
 fn gemv_f32_matches_the_f64_product() {
     let mut rng = Rng::new(test_seed("gemv_f32"));
     for &(rows, cols) in SHAPES.iter().chain(&[(5, 7), (2, 9)]) {
-        let w = random_weights(&mut rng, rows, cols);
+        let w = rng.weights(rows * cols);
         let x = rng.normal_vec(cols, 1.0);
         let (y64, scale) = product_f64(&w, rows, cols, &x);
         for simd in Simd::available() {
@@ -302,7 +295,7 @@ fn expect_shape_error(result: Result<(), CpuError>, names: &str, what: &str) {
 fn wrong_lengths_are_refused_with_a_shape_error() {
     let mut rng = Rng::new(test_seed("shape_errors"));
     let (rows, cols) = (3, 100);
-    let w = random_weights(&mut rng, rows, cols);
+    let w = rng.weights(rows * cols);
     let x = vec![1.0f32; cols];
     for (codec, t) in all_codecs(&w, rows, cols) {
         for simd in Simd::available() {
@@ -368,7 +361,7 @@ fn wrong_lengths_are_refused_with_a_shape_error() {
 fn corrupt_tensors_and_missing_paths_are_refused_or_survived() {
     let mut rng = Rng::new(test_seed("corrupt"));
     let (rows, cols) = (4, 256);
-    let w = random_weights(&mut rng, rows, cols);
+    let w = rng.weights(rows * cols);
     let d = Dense::f32(rows, cols, &w).unwrap();
     let x = rng.normal_vec(cols, 1.0);
     let mut y = vec![f32::NAN; rows];

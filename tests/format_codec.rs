@@ -3,26 +3,14 @@
 
 use half::{bf16, f16};
 use upg::format::sparse::{self, BLOCK, KEEP};
-use upg::format::{Dense, DenseData, DenseF16, FormatError, Q4Matrix, SparseMatrix, Tensor};
+use upg::format::{
+    Codec, Dense, DenseData, DenseF16, FormatError, Q3Matrix, Q4Matrix, SparseMatrix, Tensor,
+};
 use upg::rng::{test_seed, Rng};
 
 /// Odd shapes: one block, a partial block, a block with fewer than 32 real columns, several groups
 /// with an odd block count, and a Phi-4 width.
 const SHAPES: &[(usize, usize)] = &[(1, 64), (3, 100), (5, 20), (7, 130), (4, 448), (2, 5120)];
-
-fn random_weights(rng: &mut Rng, rows: usize, cols: usize) -> Vec<f32> {
-    // Heavy-ish tails like real weights: a normal core plus occasional outliers.
-    (0..rows * cols)
-        .map(|_| {
-            let w = rng.normal() * 0.02;
-            if rng.below(50) == 0 {
-                w * 8.0
-            } else {
-                w
-            }
-        })
-        .collect()
-}
 
 /// The nearest level of the 4-bit grid to `w` for scale `s`, computed in f64 by trying all 16.
 fn nearest_on_grid(w: f32, s: f32) -> f64 {
@@ -88,7 +76,7 @@ fn check_sparse(m: &SparseMatrix, w: &[f32], norms: Option<&[f32]>) {
 fn sparse_encoder_keeps_the_top_half_and_decodes_to_the_nearest_level() {
     let mut rng = Rng::new(test_seed("sparse_encoder"));
     for &(rows, cols) in SHAPES {
-        let w = random_weights(&mut rng, rows, cols);
+        let w = rng.weights(rows * cols);
         let m = SparseMatrix::encode(&Dense::f32(rows, cols, &w).unwrap(), 128, None).unwrap();
         m.validate().unwrap();
         check_sparse(&m, &w, None);
@@ -99,7 +87,7 @@ fn sparse_encoder_keeps_the_top_half_and_decodes_to_the_nearest_level() {
 fn sparse_encoder_with_activation_norms_ranks_by_wanda_saliency() {
     let mut rng = Rng::new(test_seed("sparse_wanda"));
     for &(rows, cols) in SHAPES {
-        let w = random_weights(&mut rng, rows, cols);
+        let w = rng.weights(rows * cols);
         let norms: Vec<f32> = (0..cols).map(|_| rng.range(0.0, 4.0)).collect();
         let m =
             SparseMatrix::encode(&Dense::f32(rows, cols, &w).unwrap(), 64, Some(&norms)).unwrap();
@@ -116,7 +104,7 @@ fn sparse_encoder_with_activation_norms_ranks_by_wanda_saliency() {
 fn scales_minimise_error_better_than_max_abs() {
     let mut rng = Rng::new(test_seed("scales_minimise_error"));
     let (rows, cols) = (16, 1024);
-    let w = random_weights(&mut rng, rows, cols);
+    let w = rng.weights(rows * cols);
     let m = SparseMatrix::encode(&Dense::f32(rows, cols, &w).unwrap(), 128, None).unwrap();
     let mut decoded = vec![0.0f32; cols];
     let (mut err_best, mut err_maxabs) = (0.0f64, 0.0f64);
@@ -187,6 +175,7 @@ fn non_finite_weights_are_refused_with_their_position() {
         for result in [
             SparseMatrix::encode(&d, 128, None).map(|_| ()),
             Q4Matrix::encode(&d, 32).map(|_| ()),
+            Q3Matrix::encode(&d, 128).map(|_| ()),
             DenseF16::encode(&d).map(|_| ()),
         ] {
             match result {
@@ -216,7 +205,7 @@ fn non_finite_weights_are_refused_with_their_position() {
 fn dense_codecs_decode_within_their_bounds() {
     let mut rng = Rng::new(test_seed("dense_codecs"));
     for &(rows, cols) in SHAPES {
-        let w = random_weights(&mut rng, rows, cols);
+        let w = rng.weights(rows * cols);
         let d = Dense::f32(rows, cols, &w).unwrap();
         let f = Tensor::F16(DenseF16::encode(&d).unwrap());
         for group in [32, 64] {
@@ -251,7 +240,7 @@ fn phi4_linear_shapes_fit_the_bit_budget() {
     // count the planes' bytes. (rows, cols) as out x in.
     let mut rng = Rng::new(test_seed("phi4_bits"));
     for (rows, cols) in [(7680, 5120), (5120, 5120), (35840, 5120), (5120, 17920)] {
-        let w = random_weights(&mut rng, 4, cols);
+        let w = rng.weights(4 * cols);
         let m = Tensor::Sparse(
             SparseMatrix::encode(&Dense::f32(4, cols, &w).unwrap(), 128, None).unwrap(),
         );
@@ -263,4 +252,106 @@ fn phi4_linear_shapes_fit_the_bit_budget() {
         assert!((bits - 3.125).abs() < 1e-9, "{bits}");
     }
     assert_eq!(sparse::groups_per_row(5120, 128), 40);
+}
+
+/// The nearest of the 3-bit grid's levels (-7s, -5s, ..., 7s) to `w`, in f64 by trying all 8.
+fn nearest_on_q3_grid(w: f32, s: f32) -> f64 {
+    (-7..=7)
+        .step_by(2)
+        .map(|l| l as f64 * s as f64)
+        .min_by(|a, b| (a - w as f64).abs().total_cmp(&(b - w as f64).abs()))
+        .unwrap()
+}
+
+/// Squared error of a group of weights quantised to the nearest q3 level of scale `s`, in f64.
+fn q3_sse(w: &[f32], s: f32) -> f64 {
+    w.iter()
+        .map(|&x| (nearest_on_q3_grid(x, s) - x as f64).powi(2))
+        .sum()
+}
+
+#[test]
+fn q3_decodes_to_the_nearest_level_of_an_mse_optimal_scale() {
+    let mut rng = Rng::new(test_seed("q3_codec"));
+    for &(rows, cols) in SHAPES {
+        let w = rng.weights(rows * cols);
+        let d = Dense::f32(rows, cols, &w).unwrap();
+        for group in [32, 64, 128] {
+            let m = Q3Matrix::encode(&d, group).unwrap();
+            m.validate().unwrap();
+            let ng = cols.div_ceil(group);
+            let mut out = vec![f32::NAN; cols];
+            for r in 0..rows {
+                m.decode_row(r, &mut out);
+                for c in 0..cols {
+                    let x = w[r * cols + c];
+                    let s = m.scales[r * ng + c / group].to_f32();
+                    let want = nearest_on_q3_grid(x, s);
+                    // Equal distance, not equal value: a weight half-way between two levels may go
+                    // either way.
+                    assert!(
+                        ((out[c] as f64 - x as f64).abs() - (want - x as f64).abs()).abs()
+                            <= 1e-6 * s as f64,
+                        "q3/g{group} row {r} col {c}: {x} -> {} (nearest {want}, scale {s})",
+                        out[c]
+                    );
+                }
+                // The scale search never does worse than the max-abs scale, which never clips.
+                for g in 0..ng {
+                    let vals = &w[r * cols + g * group..r * cols + ((g + 1) * group).min(cols)];
+                    let amax = vals.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                    let naive = f16::from_f32(amax / 7.0).to_f32();
+                    let s = m.scales[r * ng + g].to_f32();
+                    assert!(
+                        q3_sse(vals, s) <= q3_sse(vals, naive) * (1.0 + 1e-9),
+                        "q3/g{group} row {r} group {g}: scale {s} worse than max-abs {naive}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn q3_bit_planes_follow_the_documented_layout() {
+    // Column c of a row: bit (c % 32) of the little-endian u32 words 3 (c / 32) + b, b = 0, 1, 2,
+    // hold bits b of its code; the code's level is 2 code - 7.
+    let mut rng = Rng::new(test_seed("q3_layout"));
+    let (rows, cols, group) = (3, 200, 64);
+    let w = rng.weights(rows * cols);
+    let m = Q3Matrix::encode(&Dense::f32(rows, cols, &w).unwrap(), group).unwrap();
+    let row_bytes = cols.div_ceil(group) * group / 32 * 12;
+    assert_eq!(m.codes.len(), rows * row_bytes);
+    let mut out = vec![0.0f32; cols];
+    for r in 0..rows {
+        m.decode_row(r, &mut out);
+        let bytes = &m.codes[r * row_bytes..][..row_bytes];
+        for (c, &got) in out.iter().enumerate() {
+            let word = |b: usize| {
+                let at = (c / 32 * 3 + b) * 4;
+                u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap())
+            };
+            let code = (0..3).fold(0u32, |acc, b| acc | ((word(b) >> (c % 32)) & 1) << b);
+            let s = m.scales[r * cols.div_ceil(group) + c / group].to_f32();
+            assert_eq!(got, s * (2.0 * code as f32 - 7.0), "row {r} col {c}");
+        }
+    }
+}
+
+#[test]
+fn q3_meets_the_sparse_codecs_bit_budget() {
+    let mut rng = Rng::new(test_seed("q3_bits"));
+    for cols in [5120, 17920, 256, 768] {
+        let w = rng.weights(2 * cols);
+        let d = Dense::f32(2, cols, &w).unwrap();
+        let q3 = Tensor::Q3(Q3Matrix::encode(&d, Q3Matrix::DEFAULT_GROUP).unwrap());
+        let sp = Tensor::Sparse(SparseMatrix::encode(&d, 128, None).unwrap());
+        assert_eq!(q3.codec(), Codec::Q3);
+        assert!((q3.bits_per_param() - 3.125).abs() < 1e-9, "{cols}");
+        assert_eq!(q3.stored_bytes(), sp.stored_bytes(), "{cols}");
+    }
+    for bad in [0, 16, 96, 256] {
+        assert!(Q3Matrix::encode(&Dense::f32(1, 64, &[0.1; 64]).unwrap(), bad).is_err());
+    }
+    assert_eq!(Codec::from_name("q3"), Some(Codec::Q3));
 }

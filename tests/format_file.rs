@@ -12,7 +12,7 @@ use half::f16;
 use serde_json::{json, Map, Value};
 use upg::format::file::{self, Entry, MatrixSpec, Plan, UpgFile, UpgWriter};
 use upg::format::{
-    Codec, Dense, DenseF16, DenseF32, FormatError, Plane, Q4Matrix, SparseMatrix, Tensor,
+    Codec, Dense, DenseF16, DenseF32, FormatError, Plane, Q3Matrix, Q4Matrix, SparseMatrix, Tensor,
 };
 use upg::rng::{test_seed, Rng};
 
@@ -47,27 +47,15 @@ impl Drop for TempDir {
     }
 }
 
-fn random_weights(rng: &mut Rng, rows: usize, cols: usize) -> Vec<f32> {
-    (0..rows * cols)
-        .map(|_| {
-            let w = rng.normal() * 0.02;
-            if rng.below(50) == 0 {
-                w * 8.0
-            } else {
-                w
-            }
-        })
-        .collect()
-}
-
 fn encode(rng: &mut Rng, codec: Codec, group: usize, rows: usize, cols: usize) -> Tensor {
-    let w = random_weights(rng, rows, cols);
+    let w = rng.weights(rows * cols);
     let d = Dense::f32(rows, cols, &w).unwrap();
     match codec {
         Codec::Sparse => Tensor::Sparse(SparseMatrix::encode(&d, group, None).unwrap()),
         Codec::F32 => Tensor::F32(DenseF32::encode(&d).unwrap()),
         Codec::F16 => Tensor::F16(DenseF16::encode(&d).unwrap()),
         Codec::Q4 => Tensor::Q4(Q4Matrix::encode(&d, group).unwrap()),
+        Codec::Q3 => Tensor::Q3(Q3Matrix::encode(&d, group).unwrap()),
     }
 }
 
@@ -97,6 +85,24 @@ fn planes(t: &Tensor) -> Vec<(&'static str, &'static str, Vec<usize>, &[u8])> {
                 ),
             ]
         }
+        // Per 32 columns, three u32 bit planes (12 bytes).
+        Tensor::Q3(m) => {
+            let padded = m.cols.div_ceil(m.group) * m.group;
+            vec![
+                (
+                    "codes",
+                    "U8",
+                    vec![m.rows, padded / 32 * 12],
+                    m.codes.as_bytes(),
+                ),
+                (
+                    "scales",
+                    "F16",
+                    vec![m.rows, padded / m.group],
+                    m.scales.as_bytes(),
+                ),
+            ]
+        }
     }
 }
 
@@ -109,6 +115,9 @@ fn description(t: &Tensor) -> String {
         }
         Tensor::Q4(m) => {
             json!({"codec": "q4", "shape": [rows, cols], "group": m.group}).to_string()
+        }
+        Tensor::Q3(m) => {
+            json!({"codec": "q3", "shape": [rows, cols], "group": m.group}).to_string()
         }
         Tensor::F32(_) => json!({"codec": "f32", "shape": [rows, cols]}).to_string(),
         Tensor::F16(_) => json!({"codec": "f16", "shape": [rows, cols]}).to_string(),
@@ -137,6 +146,7 @@ fn all_mapped(t: &Tensor) -> bool {
         Tensor::F32(m) => is_mapped(&m.values),
         Tensor::F16(m) => is_mapped(&m.values),
         Tensor::Q4(m) => is_mapped(&m.codes) && is_mapped(&m.scales),
+        Tensor::Q3(m) => is_mapped(&m.codes) && is_mapped(&m.scales),
     }
 }
 
@@ -148,6 +158,8 @@ const CODECS: &[(Codec, usize)] = &[
     (Codec::F16, 0),
     (Codec::Q4, 32),
     (Codec::Q4, 64),
+    (Codec::Q3, 32),
+    (Codec::Q3, 128),
 ];
 
 /// One row; a partial block; fewer than 32 real columns; odd block counts; several groups.

@@ -12,8 +12,8 @@
 //! UPG_REQUIRE_GPU=1 (CI), where they fail.
 
 use half::f16;
-use upg::backend::Backend;
 use upg::cpu::reference;
+use upg::device::Device;
 use upg::format::{Dense, DenseF16, DenseF32, Q4Matrix, SparseMatrix, Tensor};
 use upg::gpu::{gpu_or_skip, DenseKind, Gpu, GpuError, GpuOptions, GpuVector, LimitOverrides};
 use upg::rng::{test_seed, Rng};
@@ -281,7 +281,7 @@ fn lowered_limits_split_bindings_dispatch_in_2d_and_tile_x() {
     let limits = LimitOverrides {
         max_binding_bytes: Some(64 << 10),
         max_workgroups_per_dim: Some(4),
-        max_workgroup_storage_bytes: Some(4096 + 3 * 96 * 4),
+        max_workgroup_storage_bytes: Some(4096 + 3 * 64 * 4),
     };
     let gpus = variants(limits);
     let mut rng = Rng::new(test_seed("lowered_limits"));
@@ -362,8 +362,8 @@ fn backend_gives_the_same_results_on_gpu_and_cpu() {
     if gpu_or_skip(GpuOptions::default()).is_none() {
         return;
     }
-    let gpu = Backend::auto().unwrap();
-    assert!(matches!(gpu, Backend::Gpu(_)), "{}", gpu.describe());
+    let gpu = Device::auto().unwrap();
+    assert!(matches!(gpu, Device::Gpu(_)), "{}", gpu.describe());
     let mut rng = Rng::new(test_seed("backend_gives_the_same_results"));
     let (rows, cols) = (50, 300);
     let w = Tensor::Sparse(SparseMatrix::random(rows, cols, 128, &mut rng).unwrap());
@@ -372,12 +372,12 @@ fn backend_gives_the_same_results_on_gpu_and_cpu() {
     check("backend GPU", &gpu.matvec(&w, &x).unwrap(), &want, &tol);
     check(
         "backend CPU",
-        &Backend::Cpu.matvec(&w, &x).unwrap(),
+        &Device::Cpu.matvec(&w, &x).unwrap(),
         &want,
         &tol,
     );
     assert!(matches!(
-        Backend::Cpu.matvec(&w, &x[1..]),
+        Device::Cpu.matvec(&w, &x[1..]),
         Err(GpuError::Shape(_))
     ));
 }

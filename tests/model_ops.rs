@@ -34,6 +34,9 @@ fn poisoned<B: Backend>(b: &mut B, len: usize) -> B::Buffer {
 fn check_matmul<B: Backend>(b: &mut B, rng: &mut Rng) {
     // Shapes: a row count that is not a multiple of the parallel task size, Phi-like widths, batches.
     for &(rows, cols, n) in &[(1, 64, 1), (37, 100, 1), (70, 256, 3), (33, 128, 17)] {
+        if n > b.max_batch() {
+            continue;
+        }
         for codec in [Codec::F32, Codec::F16, Codec::Q4, Codec::Sparse] {
             let w = rng.normal_vec(rows * cols, 0.1);
             let t = encode(
@@ -67,6 +70,19 @@ fn check_matmul<B: Backend>(b: &mut B, rng: &mut Rng) {
                 &want,
                 cols as f64 * f32::EPSILON as f64,
                 |i| scale[i],
+            );
+            // The fused residual: y += W x on top of a random y.
+            let r = rng.normal_vec(n * rows, 1.0);
+            let mut y = b.buffer(&r).unwrap();
+            b.matmul_add(&m, &xb, &mut y, n);
+            let got = b.read(&y, n * rows).unwrap();
+            let want: Vec<f64> = want.iter().zip(&r).map(|(w, &r)| w + r as f64).collect();
+            close(
+                &format!("matmul_add {codec:?} [{rows}, {cols}] x {n}"),
+                &got,
+                &want,
+                (cols + 1) as f64 * f32::EPSILON as f64,
+                |i| scale[i] + (r[i] as f64).abs(),
             );
         }
     }
@@ -288,6 +304,21 @@ fn cpu_ops_match_f64() {
     check_rope(&mut cpu, &mut rng);
     check_kv_and_attention(&mut cpu, &mut rng);
     check_elementwise(&mut cpu, &mut rng);
+}
+
+#[test]
+fn gpu_ops_match_f64() {
+    let Some(gpu) = upg::gpu::gpu_or_skip(upg::gpu::GpuOptions::default()) else {
+        return;
+    };
+    let mut rng = Rng::new(test_seed("gpu_ops_match_f64"));
+    // An f32 KV cache: the checks hold every backend to f32 rounding.
+    let mut b = upg::model::GpuBackend::new(gpu, false).unwrap();
+    check_matmul(&mut b, &mut rng);
+    check_rmsnorm(&mut b, &mut rng);
+    check_rope(&mut b, &mut rng);
+    check_kv_and_attention(&mut b, &mut rng);
+    check_elementwise(&mut b, &mut rng);
 }
 
 #[test]

@@ -13,6 +13,7 @@
 //   2  storage, read      k_cache: array<u32>  [ctx, kv_dim] as f16 pairs (KV_F16 == 1) or f32 bits
 //   3  storage, read      v_cache: array<u32>  same
 //   4  storage, read_write out:     array<f32>  [n, heads * head_dim]
+//   5  storage, read      step:    array<u32>  [1]: start (written once per pass)
 // Workgroup: 128 threads, one (row, head): thread i scores key tile0 + i, then owns output dimensions
 // i and i + 128 (head_dim <= 256) while the tile's values are summed.
 // Dispatch: (n * heads, 1, 1); the launcher keeps it <= 65535.
@@ -24,13 +25,9 @@ struct Params {
     head_dim: u32,
     qkv_dim: u32,
     kv_dim: u32,
-    start: u32,
     n: u32,
     window: u32,
     scale: f32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 override KV_F16: u32 = 1u;
@@ -43,6 +40,7 @@ const NEG_INF: f32 = -3.4028235e38;
 @group(0) @binding(2) var<storage, read> k_cache: array<u32>;
 @group(0) @binding(3) var<storage, read> v_cache: array<u32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(5) var<storage, read> step: array<u32>;
 
 var<workgroup> q: array<f32, MAX_HEAD_DIM>;
 var<workgroup> weights: array<f32, TILE>;
@@ -89,7 +87,7 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
     }
     let hd = params.head_dim;
     let off = (h / (params.heads / params.kv_heads)) * hd;
-    let pos = params.start + t;
+    let pos = step[0] + t;
     var first = 0u;
     if params.window > 0u && pos + 1u > params.window {
         first = pos + 1u - params.window;

@@ -9,6 +9,7 @@
 //   1  storage, read      qkv:     array<f32>  [n, qkv_dim]; k at q_dim, v at q_dim + kv_dim
 //   2  storage, read_write k_cache: array<u32>  [ctx, kv_dim] (f16 pairs: [ctx, kv_dim / 2])
 //   3  storage, read_write v_cache: array<u32>  same
+//   4  storage, read      step:    array<u32>  [1]: start (written once per pass)
 // Workgroup: 64 threads, one pair of dimensions of one row each.
 // Dispatch: ceil(n * kv_dim / 2 / 64) workgroups as (x, y), index = x + y * num_workgroups.x.
 // Features: none.
@@ -17,11 +18,7 @@ struct Params {
     q_dim: u32,
     kv_dim: u32,
     qkv_dim: u32,
-    start: u32,
     n: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 override KV_F16: u32 = 1u;
@@ -30,6 +27,7 @@ override KV_F16: u32 = 1u;
 @group(0) @binding(1) var<storage, read> qkv: array<f32>;
 @group(0) @binding(2) var<storage, read_write> k_cache: array<u32>;
 @group(0) @binding(3) var<storage, read_write> v_cache: array<u32>;
+@group(0) @binding(4) var<storage, read> step: array<u32>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -43,7 +41,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let src = t * params.qkv_dim + params.q_dim + d;
     let k = vec2<f32>(qkv[src], qkv[src + 1u]);
     let v = vec2<f32>(qkv[src + params.kv_dim], qkv[src + params.kv_dim + 1u]);
-    let row = params.start + t;
+    let row = step[0] + t;
     if KV_F16 == 1u {
         let dst = (row * params.kv_dim + d) / 2u;
         k_cache[dst] = pack2x16float(k);

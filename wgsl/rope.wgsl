@@ -11,6 +11,8 @@
 //   1  storage, read_write qkv: array<f32>  [n, qkv_dim]; row = [q heads | k heads | v heads]
 //   2  storage, read      cos: array<f32>  [ctx, half]
 //   3  storage, read      sin: array<f32>  [ctx, half]
+//   4  storage, read      step: array<u32> [1]: start, the position of row 0 (written once per pass, so
+//                                          the bind group and params stay the same from token to token)
 // Workgroup: 64 threads, one (row, head, pair) each; q and k heads are contiguous, so head hh < heads +
 // kv_heads starts at hh * head_dim.
 // Dispatch: ceil(n * (heads + kv_heads) * half / 64) workgroups as (x, y), index = x + y * num_workgroups.x.
@@ -21,16 +23,17 @@ struct Params {
     head_dim: u32,
     half: u32,
     qkv_dim: u32,
-    start: u32,
     n: u32,
     _pad0: u32,
     _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read_write> qkv: array<f32>;
 @group(0) @binding(2) var<storage, read> cos_table: array<f32>;
 @group(0) @binding(3) var<storage, read> sin_table: array<f32>;
+@group(0) @binding(4) var<storage, read> step: array<u32>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -44,7 +47,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let head = r / params.half;
     let i = r - head * params.half;
     let base = t * params.qkv_dim + head * params.head_dim + i;
-    let tab = (params.start + t) * params.half + i;
+    let tab = (step[0] + t) * params.half + i;
     let c = cos_table[tab];
     let s = sin_table[tab];
     let a = qkv[base];

@@ -28,7 +28,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::format::sparse::{self, BLOCK, BLOCK_CODE_BYTES};
-use crate::format::{Q4Matrix, Tensor};
+use crate::format::{Q3Matrix, Q4Matrix, Tensor};
 
 /// Errors of the CPU kernels: what is wrong and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -465,6 +465,13 @@ fn check_tensor(w: &Tensor) -> Result<()> {
         }
         Tensor::F32(m) => fits(m.values.len(), Some(cols)),
         Tensor::F16(m) => fits(m.values.len(), Some(cols)),
+        Tensor::Q3(m) => {
+            Q3Matrix::check_group(m.group).is_ok() && {
+                let padded = Q3Matrix::padded_cols(cols, m.group);
+                fits(m.codes.len(), Some(Q3Matrix::row_bytes(cols, m.group)))
+                    && fits(m.scales.len(), Some(padded / m.group))
+            }
+        }
         Tensor::Q4(m) => {
             Q4Matrix::check_group(m.group).is_ok() && {
                 let padded = Q4Matrix::padded_cols(cols, m.group);

@@ -245,6 +245,15 @@ pub unsafe fn spmv_rows(w: &Tensor, r0: usize, x: &[f32], y: &mut [f32]) {
                 *yi = dot(row.as_ptr(), xp, cols);
             }
         }
+        Tensor::Q3(_) => {
+            // No SIMD decoder for q3 yet: the reference decode, then the shared dot product.
+            assert!(x.len() >= cols.next_multiple_of(CHUNK));
+            let mut row = vec![0.0f32; cols.next_multiple_of(CHUNK)];
+            for (i, yi) in y.iter_mut().enumerate() {
+                scalar::decode_row(w, r0 + i, &mut row);
+                *yi = dot(row.as_ptr(), xp, cols);
+            }
+        }
         Tensor::F32(m) => gemv_rows(&m.values[r0 * cols..], cols, x, y),
     }
 }

@@ -99,6 +99,10 @@ pub fn decode_row(w: &Tensor, r: usize, out: &mut [f32]) {
     match w {
         Tensor::Sparse(m) => decode_sparse_row(m, r, out),
         Tensor::Q4(m) => decode_q4_row(m, r, out),
+        Tensor::Q3(m) => {
+            m.decode_row(r, out);
+            out[cols..].fill(0.0);
+        }
         Tensor::F32(m) => {
             out[..cols].copy_from_slice(&m.values[r * cols..][..cols]);
             out[cols..].fill(0.0);

@@ -21,6 +21,24 @@ use super::quant::Grid;
 use super::sparse::nibble;
 use super::Dense;
 
+/// The `values` plane of a dense codec must hold exactly rows x cols elements.
+fn check_len(
+    len: usize,
+    rows: usize,
+    cols: usize,
+) -> std::result::Result<(), (&'static str, String)> {
+    if len != rows * cols {
+        return Err((
+            "values",
+            format!(
+                "has {len} elements, shape [{rows}, {cols}] needs {}",
+                rows * cols
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Debug)]
 pub struct DenseF32 {
     pub rows: usize,
@@ -44,19 +62,7 @@ impl DenseF32 {
     }
 
     pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
-        if self.values.len() != self.rows * self.cols {
-            return Err((
-                "values",
-                format!(
-                    "has {} elements, shape [{}, {}] needs {}",
-                    self.values.len(),
-                    self.rows,
-                    self.cols,
-                    self.rows * self.cols
-                ),
-            ));
-        }
-        Ok(())
+        check_len(self.values.len(), self.rows, self.cols)
     }
 
     pub fn decode_row(&self, r: usize, out: &mut [f32]) {
@@ -100,19 +106,7 @@ impl DenseF16 {
     }
 
     pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
-        if self.values.len() != self.rows * self.cols {
-            return Err((
-                "values",
-                format!(
-                    "has {} elements, shape [{}, {}] needs {}",
-                    self.values.len(),
-                    self.rows,
-                    self.cols,
-                    self.rows * self.cols
-                ),
-            ));
-        }
-        Ok(())
+        check_len(self.values.len(), self.rows, self.cols)
     }
 
     pub fn decode_row(&self, r: usize, out: &mut [f32]) {
@@ -229,6 +223,154 @@ impl Q4Matrix {
         let scales = &self.scales[r * padded / self.group..][..padded / self.group];
         for (c, o) in out[..self.cols].iter_mut().enumerate() {
             *o = scales[c / self.group].to_f32() * Q4_GRID.level(nibble(codes, c));
+        }
+    }
+}
+
+/// Dense 3-bit weights: codes on [`Grid::Q3`] (levels -7s, -5s, ..., 7s), one f16 scale per `group`
+/// input columns. At group 128 that is 3.125 bits per weight, the sparse codec's budget.
+///
+/// The `codes` plane is bit-sliced: each run of 32 columns is 12 bytes, three little-endian u32 words,
+/// word `b` holding bit `b` of the 32 codes (column `32k + i` at bit `i`). A decoder reads whole words
+/// and never a code that straddles two; columns are padded to a multiple of the group and the padding
+/// codes are never read.
+///
+/// | plane    | type | shape                        |
+/// |----------|------|------------------------------|
+/// | `codes`  | u8   | [rows, padded_cols / 32 * 12] |
+/// | `scales` | f16  | [rows, padded_cols / group]  |
+#[derive(Debug)]
+pub struct Q3Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    /// Input columns per scale: 32, 64 or 128.
+    pub group: usize,
+    pub codes: Plane<u8>,
+    pub scales: Plane<f16>,
+}
+
+pub const Q3_GRID: Grid = Grid::Q3;
+
+/// Bytes of codes per 32 columns.
+pub const Q3_RUN_BYTES: usize = 12;
+
+impl Q3Matrix {
+    /// 3.125 bits per weight.
+    pub const DEFAULT_GROUP: usize = 128;
+
+    pub fn padded_cols(cols: usize, group: usize) -> usize {
+        cols.div_ceil(group) * group
+    }
+
+    /// Code bytes per row.
+    pub fn row_bytes(cols: usize, group: usize) -> usize {
+        Self::padded_cols(cols, group) / 32 * Q3_RUN_BYTES
+    }
+
+    pub fn check_group(group: usize) -> Result<()> {
+        if ![32, 64, 128].contains(&group) {
+            return Err(FormatError::Parameter(format!(
+                "q3 group {group} is not supported: use 32, 64 or 128"
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn encode(w: &Dense, group: usize) -> Result<Self> {
+        Self::check_group(group)?;
+        let padded = Self::padded_cols(w.cols, group);
+        let rb = Self::row_bytes(w.cols, group);
+        let mut codes = vec![0u8; w.rows * rb];
+        let mut scales = vec![f16::ZERO; w.rows * padded / group];
+        if w.cols > 0 {
+            codes
+                .par_chunks_mut(rb)
+                .zip(scales.par_chunks_mut(padded / group))
+                .enumerate()
+                .try_for_each_init(Vec::new, |row, (r, (codes, scales))| {
+                    w.row_f32(r, row)?;
+                    for (g, scale) in scales.iter_mut().enumerate() {
+                        let vals = &row[g * group..((g + 1) * group).min(w.cols)];
+                        *scale = Q3_GRID.best_scale(vals);
+                        let s = scale.to_f32();
+                        let inv = if s == 0.0 { 0.0 } else { 1.0 / s };
+                        for (i, &v) in vals.iter().enumerate() {
+                            let c = g * group + i;
+                            let code = Q3_GRID.nearest(v * inv);
+                            for b in 0..3 {
+                                if code >> b & 1 == 1 {
+                                    let byte = c / 32 * Q3_RUN_BYTES + b * 4 + (c % 32) / 8;
+                                    codes[byte] |= 1 << (c % 8);
+                                }
+                            }
+                        }
+                    }
+                    Ok::<(), FormatError>(())
+                })?;
+        }
+        Ok(Self {
+            rows: w.rows,
+            cols: w.cols,
+            group,
+            codes: codes.into(),
+            scales: scales.into(),
+        })
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+        Self::check_group(self.group).map_err(|e| ("group", e.to_string()))?;
+        let padded = Self::padded_cols(self.cols, self.group);
+        let rb = Self::row_bytes(self.cols, self.group);
+        if self.codes.len() != self.rows * rb {
+            return Err((
+                "codes",
+                format!(
+                    "has {} bytes, shape [{}, {}] needs {}",
+                    self.codes.len(),
+                    self.rows,
+                    self.cols,
+                    self.rows * rb
+                ),
+            ));
+        }
+        if self.scales.len() != self.rows * padded / self.group {
+            return Err((
+                "scales",
+                format!(
+                    "has {} elements, shape [{}, {}] with group {} needs {}",
+                    self.scales.len(),
+                    self.rows,
+                    self.cols,
+                    self.group,
+                    self.rows * padded / self.group
+                ),
+            ));
+        }
+        if let Some(i) = self.scales.iter().position(|s| !s.is_finite()) {
+            return Err(("scales", format!("scale {i} is {}", self.scales[i])));
+        }
+        Ok(())
+    }
+
+    pub fn stored_bytes(&self) -> usize {
+        self.codes.len() + self.scales.as_bytes().len()
+    }
+
+    /// The code of column `c` in a row's code bytes.
+    #[inline]
+    pub fn code(codes: &[u8], c: usize) -> u8 {
+        let run = &codes[c / 32 * Q3_RUN_BYTES..][..Q3_RUN_BYTES];
+        let (byte, bit) = ((c % 32) / 8, c % 8);
+        (0..3).fold(0, |code, b| code | ((run[b * 4 + byte] >> bit) & 1) << b)
+    }
+
+    pub fn decode_row(&self, r: usize, out: &mut [f32]) {
+        let padded = Self::padded_cols(self.cols, self.group);
+        let rb = Self::row_bytes(self.cols, self.group);
+        let codes = &self.codes[r * rb..][..rb];
+        let scales = &self.scales[r * padded / self.group..][..padded / self.group];
+        for (c, o) in out[..self.cols].iter_mut().enumerate() {
+            *o = scales[c / self.group].to_f32() * Q3_GRID.level(Self::code(codes, c));
         }
     }
 }

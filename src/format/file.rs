@@ -6,6 +6,7 @@
 //! | matrix, codec sparse50_q4 | `NAME.masks` (U64, [rows, blocks]), `NAME.codes` (U8, [rows, blocks, 16]), `NAME.scales` (F16, [rows, groups]) |
 //! | matrix, codec f32 / f16   | `NAME.values` (F32 / F16, [rows, cols])                                  |
 //! | matrix, codec q4          | `NAME.codes` (U8, [rows, padded/2]), `NAME.scales` (F16, [rows, padded/group]) |
+//! | matrix, codec q3          | `NAME.codes` (U8, [rows, padded/32*12]: per 32 columns three u32 bit planes, see [`Q3Matrix`]), `NAME.scales` (F16, [rows, padded/group]) |
 //! | f32 array (norms, biases) | `NAME` (F32, any shape)                                                  |
 //! | byte blob (tokenizer...)  | `NAME` (U8, [len])                                                       |
 //!
@@ -38,10 +39,11 @@ use safetensors::tensor::TensorInfo;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
+use super::dense::Q3_RUN_BYTES;
 use super::error::{FormatError, Result};
 use super::plane::Plane;
 use super::sparse::{self, BLOCK_CODE_BYTES};
-use super::{Codec, DenseF16, DenseF32, Q4Matrix, SparseMatrix, Tensor};
+use super::{Codec, DenseF16, DenseF32, Q3Matrix, Q4Matrix, SparseMatrix, Tensor};
 
 // Planes are written and mapped in the host's byte order; safetensors is little-endian.
 #[cfg(target_endian = "big")]
@@ -89,6 +91,7 @@ impl MatrixSpec {
         let group = match t {
             Tensor::Sparse(m) => Some(m.group),
             Tensor::Q4(m) => Some(m.group),
+            Tensor::Q3(m) => Some(m.group),
             Tensor::F32(_) | Tensor::F16(_) => None,
         };
         Self {
@@ -112,7 +115,7 @@ impl MatrixSpec {
         }
         let codec = self.codec.name();
         match (self.codec, self.group) {
-            (Codec::Sparse | Codec::Q4, None) => Err((
+            (Codec::Sparse | Codec::Q4 | Codec::Q3, None) => Err((
                 "group",
                 format!("the {codec} codec needs a scale group, none given"),
             )),
@@ -120,6 +123,7 @@ impl MatrixSpec {
                 sparse::check_group(g).map_err(|e| ("group", e.to_string()))
             }
             (Codec::Q4, Some(g)) => Q4Matrix::check_group(g).map_err(|e| ("group", e.to_string())),
+            (Codec::Q3, Some(g)) => Q3Matrix::check_group(g).map_err(|e| ("group", e.to_string())),
             (Codec::F32 | Codec::F16, Some(g)) => Err((
                 "group",
                 format!("the {codec} codec has no scales, but group {g} was given"),
@@ -163,6 +167,16 @@ impl MatrixSpec {
                     plane("scales", Dtype::F16, vec![rows, padded / group]),
                 ]
             }
+            Codec::Q3 => {
+                let padded = cols
+                    .div_ceil(group)
+                    .checked_mul(group)
+                    .ok_or(("shape", format!("{cols} columns overflow when padded")))?;
+                vec![
+                    plane("codes", Dtype::U8, vec![rows, padded / 32 * Q3_RUN_BYTES]),
+                    plane("scales", Dtype::F16, vec![rows, padded / group]),
+                ]
+            }
         })
     }
 
@@ -191,6 +205,7 @@ fn tensor_planes(t: &Tensor) -> Vec<&[u8]> {
         Tensor::F32(m) => vec![m.values.as_bytes()],
         Tensor::F16(m) => vec![m.values.as_bytes()],
         Tensor::Q4(m) => vec![m.codes.as_bytes(), m.scales.as_bytes()],
+        Tensor::Q3(m) => vec![m.codes.as_bytes(), m.scales.as_bytes()],
     }
 }
 
@@ -1073,6 +1088,13 @@ impl UpgFile {
                 values: self.plane(&p[0]),
             }),
             Codec::Q4 => Tensor::Q4(Q4Matrix {
+                rows,
+                cols,
+                group: group.unwrap_or(0),
+                codes: self.plane(&p[0]),
+                scales: self.plane(&p[1]),
+            }),
+            Codec::Q3 => Tensor::Q3(Q3Matrix {
                 rows,
                 cols,
                 group: group.unwrap_or(0),

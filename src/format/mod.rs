@@ -10,7 +10,7 @@ pub mod sparse;
 
 use half::{bf16, f16};
 
-pub use dense::{DenseF16, DenseF32, Q4Matrix};
+pub use dense::{DenseF16, DenseF32, Q3Matrix, Q4Matrix};
 pub use error::{FormatError, Result};
 pub use file::{MatrixSpec, Plan, UpgFile, UpgWriter};
 pub use plane::Plane;
@@ -82,6 +82,8 @@ pub enum Codec {
     F16,
     /// Dense 4-bit ([`Q4Matrix`]).
     Q4,
+    /// Dense 3-bit ([`Q3Matrix`]).
+    Q3,
 }
 
 impl Codec {
@@ -92,11 +94,12 @@ impl Codec {
             Codec::F32 => "f32",
             Codec::F16 => "f16",
             Codec::Q4 => "q4",
+            Codec::Q3 => "q3",
         }
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
-        [Codec::Sparse, Codec::F32, Codec::F16, Codec::Q4]
+        [Codec::Sparse, Codec::F32, Codec::F16, Codec::Q4, Codec::Q3]
             .into_iter()
             .find(|c| c.name() == name)
     }
@@ -109,6 +112,7 @@ pub enum Tensor {
     F32(DenseF32),
     F16(DenseF16),
     Q4(Q4Matrix),
+    Q3(Q3Matrix),
 }
 
 impl Tensor {
@@ -118,6 +122,7 @@ impl Tensor {
             Tensor::F32(_) => Codec::F32,
             Tensor::F16(_) => Codec::F16,
             Tensor::Q4(_) => Codec::Q4,
+            Tensor::Q3(_) => Codec::Q3,
         }
     }
 
@@ -128,6 +133,7 @@ impl Tensor {
             Tensor::F32(m) => [m.rows, m.cols],
             Tensor::F16(m) => [m.rows, m.cols],
             Tensor::Q4(m) => [m.rows, m.cols],
+            Tensor::Q3(m) => [m.rows, m.cols],
         }
     }
 
@@ -137,6 +143,7 @@ impl Tensor {
             Tensor::F32(m) => m.values.as_bytes().len(),
             Tensor::F16(m) => m.values.as_bytes().len(),
             Tensor::Q4(m) => m.stored_bytes(),
+            Tensor::Q3(m) => m.stored_bytes(),
         }
     }
 
@@ -153,6 +160,7 @@ impl Tensor {
             Tensor::F32(m) => m.decode_row(r, out),
             Tensor::F16(m) => m.decode_row(r, out),
             Tensor::Q4(m) => m.decode_row(r, out),
+            Tensor::Q3(m) => m.decode_row(r, out),
         }
     }
 
@@ -163,6 +171,7 @@ impl Tensor {
             Tensor::F32(m) => m.validate(),
             Tensor::F16(m) => m.validate(),
             Tensor::Q4(m) => m.validate(),
+            Tensor::Q3(m) => m.validate(),
         }
     }
 }

@@ -61,12 +61,26 @@ impl Gpu {
     }
 
     /// A uniform buffer holding `words`.
+    /// A uniform buffer holding `words`, made once per distinct content (never written after).
     pub(crate) fn uniform(&self, words: &[u32]) -> Result<wgpu::Buffer> {
-        self.buffer_with(
+        let poisoned = || GpuError::Wgpu {
+            what: "caching kernel parameters".into(),
+            reason: "cache lock poisoned".into(),
+        };
+        if let Some(b) = self.uniforms.lock().map_err(|_| poisoned())?.get(words) {
+            return Ok(b.clone());
+        }
+        let b = self.buffer_with(
             "params",
             bytemuck::cast_slice(words),
             wgpu::BufferUsages::UNIFORM,
-        )
+        )?;
+        let mut cache = self.uniforms.lock().map_err(|_| poisoned())?;
+        if cache.len() >= super::context::CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(words.to_vec(), b.clone());
+        Ok(b)
     }
 
     /// Uploads `x`.

@@ -129,7 +129,14 @@ pub struct Gpu {
     uncaptured: Arc<Mutex<Vec<String>>>,
     /// A small zeroed storage buffer bound where a kernel's optional input is not used.
     pub(crate) dummy: wgpu::Buffer,
+    /// Uniform parameter buffers by content, and bind groups by layout and buffers: a forward pass
+    /// repeats the same launches every token, so after the first token it allocates nothing.
+    pub(crate) uniforms: Mutex<HashMap<Vec<u32>, wgpu::Buffer>>,
+    binds: Mutex<HashMap<(wgpu::BindGroupLayout, Vec<wgpu::Buffer>), wgpu::BindGroup>>,
 }
+
+/// Entries each cache keeps before it starts over (a bound on what one-off launches can pin).
+pub(crate) const CACHE_ENTRIES: usize = 4096;
 
 fn rank(t: wgpu::DeviceType) -> u8 {
     match t {
@@ -273,6 +280,8 @@ impl Gpu {
             pipelines: Mutex::default(),
             uncaptured,
             dummy,
+            uniforms: Mutex::new(HashMap::new()),
+            binds: Mutex::new(HashMap::new()),
         })
     }
 
@@ -347,16 +356,18 @@ impl Gpu {
     /// Submits and blocks until the GPU is done.
     pub fn submit_and_wait(&self, cmd: wgpu::CommandBuffer) -> Result<()> {
         let index = self.queue.submit([cmd]);
-        self.device
-            .poll(wgpu::PollType::Wait {
-                submission_index: Some(index),
-                timeout: None,
-            })
-            .map_err(|e| GpuError::Wgpu {
-                what: "waiting for the GPU".into(),
-                reason: e.to_string(),
-            })?;
-        self.take_uncaptured("running kernels")
+        let waited = self.device.poll(wgpu::PollType::Wait {
+            submission_index: Some(index),
+            timeout: None,
+        });
+        // A failed submission reports its cause through the uncaptured-error handler, and the wait
+        // only says the index was never submitted: give the cause first.
+        self.take_uncaptured("running kernels")?;
+        waited.map_err(|e| GpuError::Wgpu {
+            what: "waiting for the GPU".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(())
     }
 
     /// Records one compute pass with `f`, submits it and waits.
@@ -436,17 +447,22 @@ impl Gpu {
         };
         let m = self
             .scoped(&format!("compiling {}", kernel.file()), || {
-                if self.runtime_checks {
+                let base = if self.runtime_checks {
+                    wgpu::ShaderRuntimeChecks::checked()
+                } else {
+                    wgpu::ShaderRuntimeChecks::unchecked()
+                };
+                let checks = wgpu::ShaderRuntimeChecks {
+                    force_loop_bounding: base.force_loop_bounding && !kernel.loops_end(),
+                    ..base
+                };
+                if checks.bounds_checks && checks.force_loop_bounding {
                     self.device.create_shader_module(desc)
                 } else {
                     // SAFETY: the kernels index only inside their bindings and workgroup arrays for
-                    // every layout the launchers in this module create (the upload checks the shapes).
-                    unsafe {
-                        self.device.create_shader_module_trusted(
-                            desc,
-                            wgpu::ShaderRuntimeChecks::unchecked(),
-                        )
-                    }
+                    // every layout the launchers in this module create (the upload checks the shapes),
+                    // and the loops of `loops_end` kernels run a count fixed before they start.
+                    unsafe { self.device.create_shader_module_trusted(desc, checks) }
                 }
             })
             .map_err(|e| GpuError::Shader {
@@ -497,12 +513,23 @@ impl Gpu {
         Ok((p, bgl))
     }
 
-    /// A bind group of whole buffers, binding i = `buffers[i]`.
+    /// A bind group of whole buffers, binding i = `buffers[i]`, made once per layout and buffers.
     pub(crate) fn bind(
         &self,
         layout: &wgpu::BindGroupLayout,
         buffers: &[&wgpu::Buffer],
-    ) -> wgpu::BindGroup {
+    ) -> Result<wgpu::BindGroup> {
+        let key = (
+            layout.clone(),
+            buffers.iter().map(|&b| b.clone()).collect::<Vec<_>>(),
+        );
+        let mut cache = self.binds.lock().map_err(|_| poisoned())?;
+        if let Some(b) = cache.get(&key) {
+            return Ok(b.clone());
+        }
+        if cache.len() >= CACHE_ENTRIES {
+            cache.clear();
+        }
         let entries: Vec<_> = buffers
             .iter()
             .enumerate()
@@ -511,11 +538,13 @@ impl Gpu {
                 resource: b.as_entire_binding(),
             })
             .collect();
-        self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
             layout,
             entries: &entries,
-        })
+        });
+        cache.insert(key, group.clone());
+        Ok(group)
     }
 
     /// Workgroup counts for `groups` workgroups: one dimension while it fits, else two; the kernels

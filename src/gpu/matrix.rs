@@ -223,6 +223,11 @@ impl Gpu {
         let [rows, cols] = w.shape();
         let storage = wgpu::BufferUsages::STORAGE;
         let (layout, chunks) = match w {
+            Tensor::Q3(_) => {
+                return Err(GpuError::Layout(
+                    "the q3 codec is not supported on the GPU yet: use q4, sparse or f16 there, or run on the CPU".into(),
+                ))
+            }
             Tensor::Sparse(m) => {
                 let (nb, ng) = (m.blocks_per_row(), m.groups_per_row());
                 let layout = Layout::Sparse {

@@ -31,6 +31,7 @@ pub use transformer::AttentionDims;
 /// The GPU for a test or benchmark from `UPG_BACKEND` / `UPG_ADAPTER` and `opts`, or `None` after
 /// printing why there is none. With `UPG_REQUIRE_GPU=1` (CI sets it) a missing adapter is a failure:
 /// this panics, which is how a test fails.
+#[allow(clippy::panic)] // a test helper: panicking is how a test fails
 pub fn gpu_or_skip(opts: GpuOptions) -> Option<Gpu> {
     let reason = match GpuOptions::from_env().and_then(|env| {
         Gpu::new(&GpuOptions {

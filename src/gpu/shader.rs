@@ -81,6 +81,13 @@ impl Kernel {
         Kernel::Embed,
     ];
 
+    /// Whether every loop of the kernel runs a count fixed before it starts, so that wgpu's loop
+    /// bounding (a counter and a branch per iteration, against GPU hangs) can be left out: on an H100
+    /// it made spmv 25-35% slower (BENCHMARKS.md).
+    pub fn loops_end(self) -> bool {
+        matches!(self, Kernel::Spmv | Kernel::Decompress)
+    }
+
     /// The file name in `wgsl/`.
     pub fn file(self) -> &'static str {
         match self {
@@ -130,9 +137,9 @@ impl Kernel {
             Kernel::GemvF16 | Kernel::GemvF32 => &[Uniform, Read, Read, ReadWrite, Read],
             Kernel::GemvQ4 => &[Uniform, Read, Read, Read, ReadWrite, Read],
             Kernel::Rmsnorm => &[Uniform, Read, Read, ReadWrite],
-            Kernel::Rope => &[Uniform, ReadWrite, Read, Read],
-            Kernel::KvStore => &[Uniform, Read, ReadWrite, ReadWrite],
-            Kernel::Attention => &[Uniform, Read, Read, Read, ReadWrite],
+            Kernel::Rope => &[Uniform, ReadWrite, Read, Read, Read],
+            Kernel::KvStore => &[Uniform, Read, ReadWrite, ReadWrite, Read],
+            Kernel::Attention => &[Uniform, Read, Read, Read, ReadWrite, Read],
             Kernel::SiluMul => &[Uniform, Read, ReadWrite],
             Kernel::Add => &[Uniform, ReadWrite, Read],
             Kernel::Argmax => &[Uniform, Read, ReadWrite],

@@ -59,7 +59,7 @@ impl Gpu {
         let (pipeline, layout) = self.pipeline(kernel, constants)?;
         let mut all = vec![&params];
         all.extend_from_slice(buffers);
-        let bind = self.bind(&layout, &all);
+        let bind = self.bind(&layout, &all)?;
         let (gx, gy) = self.grid(groups as u64)?;
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &bind, &[]);
@@ -89,7 +89,8 @@ impl Gpu {
         self.launch(pass, Kernel::Rmsnorm, &[], &p, &[x, weight, out], n)
     }
 
-    /// Rotates q and k heads of n qkv rows in place with cos/sin tables [ctx, half].
+    /// Rotates q and k heads of n qkv rows in place with cos/sin tables [ctx, half]; row 0 is at
+    /// position `step[0]` (see [`Gpu::write_step`]).
     #[allow(clippy::too_many_arguments)]
     pub fn rope(
         &self,
@@ -97,9 +98,9 @@ impl Gpu {
         qkv: &wgpu::Buffer,
         cos: &wgpu::Buffer,
         sin: &wgpu::Buffer,
+        step: &wgpu::Buffer,
         dims: &AttentionDims,
         half: usize,
-        start: usize,
         n: usize,
     ) -> Result<()> {
         let heads = dims.heads + dims.kv_heads;
@@ -108,16 +109,16 @@ impl Gpu {
             word(dims.head_dim)?,
             word(half)?,
             word(dims.qkv_dim())?,
-            word(start)?,
             word(n)?,
+            0,
             0,
             0,
         ];
         let groups = (n * heads * half).div_ceil(64);
-        self.launch(pass, Kernel::Rope, &[], &p, &[qkv, cos, sin], groups)
+        self.launch(pass, Kernel::Rope, &[], &p, &[qkv, cos, sin, step], groups)
     }
 
-    /// Copies the k and v parts of n qkv rows into cache rows start..start + n.
+    /// Copies the k and v parts of n qkv rows into cache rows step[0]..step[0] + n.
     #[allow(clippy::too_many_arguments)]
     pub fn kv_store(
         &self,
@@ -125,19 +126,15 @@ impl Gpu {
         qkv: &wgpu::Buffer,
         k_cache: &wgpu::Buffer,
         v_cache: &wgpu::Buffer,
+        step: &wgpu::Buffer,
         dims: &AttentionDims,
-        start: usize,
         n: usize,
     ) -> Result<()> {
         let p = [
             word(dims.q_dim())?,
             word(dims.kv_dim())?,
             word(dims.qkv_dim())?,
-            word(start)?,
             word(n)?,
-            0,
-            0,
-            0,
         ];
         let groups = (n * dims.kv_dim() / 2).div_ceil(64);
         let c = [("KV_F16", dims.kv_f16 as u32 as f64)];
@@ -146,12 +143,12 @@ impl Gpu {
             Kernel::KvStore,
             &c,
             &p,
-            &[qkv, k_cache, v_cache],
+            &[qkv, k_cache, v_cache, step],
             groups,
         )
     }
 
-    /// Causal grouped-query attention of n query rows (positions start..start + n) over the cache.
+    /// Causal grouped-query attention of n query rows (positions step[0]..step[0] + n) over the cache.
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -160,8 +157,8 @@ impl Gpu {
         k_cache: &wgpu::Buffer,
         v_cache: &wgpu::Buffer,
         out: &wgpu::Buffer,
+        step: &wgpu::Buffer,
         dims: &AttentionDims,
-        start: usize,
         n: usize,
     ) -> Result<()> {
         if dims.head_dim > MAX_HEAD_DIM || !dims.head_dim.is_multiple_of(2) {
@@ -189,13 +186,9 @@ impl Gpu {
             word(dims.head_dim)?,
             word(dims.qkv_dim())?,
             word(dims.kv_dim())?,
-            word(start)?,
             word(n)?,
             word(dims.window)?,
             scale.to_bits(),
-            0,
-            0,
-            0,
         ];
         let c = [("KV_F16", dims.kv_f16 as u32 as f64)];
         self.launch(
@@ -203,7 +196,7 @@ impl Gpu {
             Kernel::Attention,
             &c,
             &p,
-            &[qkv, k_cache, v_cache, out],
+            &[qkv, k_cache, v_cache, out, step],
             groups,
         )
     }
@@ -226,6 +219,20 @@ impl Gpu {
             &[gate_up, out],
             (n * width).div_ceil(256),
         )
+    }
+
+    /// A one-word storage buffer for the `step` binding of rope, kv_store and attention.
+    pub fn step_buffer(&self) -> Result<wgpu::Buffer> {
+        self.buffer_with("step", &[0; 16], wgpu::BufferUsages::STORAGE)
+    }
+
+    /// Sets the position of row 0 for the next submission's rope, kv_store and attention launches.
+    /// Written through the queue, so it lands before any later submission and the bind groups and
+    /// params of those launches stay the same from token to token.
+    pub fn write_step(&self, step: &wgpu::Buffer, start: usize) -> Result<()> {
+        self.queue
+            .write_buffer(step, 0, bytemuck::bytes_of(&word(start)?));
+        Ok(())
     }
 
     /// x[..len] += y[..len].

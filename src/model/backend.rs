@@ -95,6 +95,11 @@ pub trait Backend {
         self.scratch(ctx * kv_dim)
     }
 
+    /// A line of figures for reports (device memory, launches per pass); empty when there are none.
+    fn stats(&self) -> String {
+        String::new()
+    }
+
     /// The most positions one pass may take (activation buffers are sized for it).
     fn max_batch(&self) -> usize {
         usize::MAX
@@ -105,6 +110,10 @@ pub trait Backend {
 
     /// y[t] = W x[t] for t < n: W [rows, cols], x [n, cols], y [n, rows]. The one matrix op.
     fn matmul(&mut self, w: &Self::Matrix, x: &Self::Buffer, y: &mut Self::Buffer, n: usize);
+
+    /// y[t] += W x[t] for t < n: the residual add fused into the product (one launch, and the block's
+    /// output never makes a round trip through memory).
+    fn matmul_add(&mut self, w: &Self::Matrix, x: &Self::Buffer, y: &mut Self::Buffer, n: usize);
 
     /// out[t] = weight * x[t] / sqrt(mean(x[t]^2) + eps) for rows of `width`.
     fn rmsnorm(

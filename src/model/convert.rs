@@ -10,13 +10,14 @@
 use std::cell::{Cell, RefCell};
 use std::path::Path;
 
+use super::calibration::ActivationNorms;
 use super::checkpoint::Checkpoint;
 use super::config::Config;
 use super::error::{ModelError, Result};
 use super::tokenizer::TokenizerFiles;
 use super::weights::{encode_from_checkpoint, CodecPlan, HostWeights, MatrixName, Weights};
 use crate::format::file::{MatrixSpec, Plan, UpgFile, UpgWriter};
-use crate::format::{Codec, Tensor};
+use crate::format::{Codec, Q3Matrix, Tensor};
 
 /// Metadata key holding config.json's text.
 pub const CONFIG_KEY: &str = "upg.model.config";
@@ -56,6 +57,7 @@ fn spec(m: &MatrixName, plan: &CodecPlan) -> MatrixSpec {
         group: match codec {
             Codec::Sparse => Some(plan.sparse_group),
             Codec::Q4 => Some(plan.q4_group),
+            Codec::Q3 => Some(Q3Matrix::DEFAULT_GROUP),
             Codec::F32 | Codec::F16 => None,
         },
     }
@@ -67,6 +69,18 @@ pub fn convert(
     dir: &Path,
     out: &Path,
     plan: &CodecPlan,
+    progress: impl FnMut(Progress),
+) -> Result<Converted> {
+    convert_calibrated(dir, out, plan, None, progress)
+}
+
+/// [`convert`], the sparse codec pruning by Wanda saliency with `norms` (see
+/// [`ActivationNorms::collect`]) where given.
+pub fn convert_calibrated(
+    dir: &Path,
+    out: &Path,
+    plan: &CodecPlan,
+    norms: Option<&ActivationNorms>,
     mut progress: impl FnMut(Progress),
 ) -> Result<Converted> {
     let ckpt = Checkpoint::open(dir)?;
@@ -122,7 +136,7 @@ pub fn convert(
     Weights::<(), ()>::build(
         &ckpt.config,
         |m| {
-            let t = encode_from_checkpoint(&ckpt, m, plan)?;
+            let t = encode_from_checkpoint(&ckpt, m, plan, norms.and_then(|n| n.get(m.name)))?;
             writer.borrow_mut().put_matrix(m.name, &t)?;
             matrices.push((m.name.to_string(), t.codec(), t.shape(), t.bits_per_param()));
             done.set(done.get() + m.rows * m.cols);

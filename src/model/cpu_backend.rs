@@ -20,6 +20,8 @@ pub struct Cpu {
     simd: Option<Simd>,
     /// The first op failure since the last `sample` / `read`.
     failed: Option<String>,
+    /// Products of `matmul_add` before they are added (kept to avoid an allocation per call).
+    product: Vec<f32>,
 }
 
 impl Cpu {
@@ -31,7 +33,7 @@ impl Cpu {
     pub fn with_simd(simd: Simd) -> Self {
         Self {
             simd: Some(simd),
-            failed: None,
+            ..Self::default()
         }
     }
 
@@ -109,6 +111,16 @@ impl Backend for Cpu {
                 "matrix product with a [{rows}, {cols}] weight: {e}"
             ));
         }
+    }
+
+    fn matmul_add(&mut self, w: &Tensor, x: &Vec<f32>, y: &mut Vec<f32>, n: usize) {
+        let mut product = std::mem::take(&mut self.product);
+        product.resize(n * w.shape()[0], 0.0);
+        self.matmul(w, x, &mut product, n);
+        for (a, b) in y.iter_mut().zip(&product) {
+            *a += b;
+        }
+        self.product = product;
     }
 
     fn rmsnorm(

@@ -19,6 +19,18 @@ pub struct GpuBackend {
     error: Option<GpuError>,
     /// The greedy token id, written by argmax.wgsl.
     token: wgpu::Buffer,
+    /// Position of the pass's first row, read by rope, kv_store and attention; `start` is what the
+    /// recorded pass expects in it.
+    step: wgpu::Buffer,
+    start: Option<usize>,
+    /// Ops recorded since the last read-back, and in the pass that ended with it.
+    ops: usize,
+    last_ops: usize,
+    /// Host time spent recording the ops of the current pass, and of the last finished one.
+    recording_time: std::time::Duration,
+    last_recording_time: std::time::Duration,
+    /// Bytes of the device buffers this backend made (weights, activations, caches).
+    device_bytes: u64,
 }
 
 /// The command encoder of the pass being recorded, and its open compute pass.
@@ -30,12 +42,20 @@ struct Recording {
 impl GpuBackend {
     pub fn new(gpu: Gpu, kv_f16: bool) -> Result<Self> {
         let token = gpu.zeros(4)?.buffer;
+        let step = gpu.step_buffer()?;
         Ok(Self {
             gpu,
             kv_f16,
             recording: None,
             error: None,
             token,
+            step,
+            start: None,
+            ops: 0,
+            last_ops: 0,
+            recording_time: std::time::Duration::ZERO,
+            last_recording_time: std::time::Duration::ZERO,
+            device_bytes: 0,
         })
     }
 
@@ -61,6 +81,8 @@ impl GpuBackend {
         if self.error.is_some() {
             return;
         }
+        self.ops += 1;
+        let started = std::time::Instant::now();
         let gpu = &self.gpu;
         let rec = self.recording.get_or_insert_with(|| {
             let mut encoder = gpu.device().create_command_encoder(&Default::default());
@@ -72,10 +94,34 @@ impl GpuBackend {
         if let Err(e) = f(gpu, &mut rec.pass) {
             self.error = Some(e);
         }
+        self.recording_time += started.elapsed();
+    }
+
+    /// Makes `start` the position the recorded pass reads from the step buffer. Passes of different
+    /// positions (prefill without a read in between) go in separate submissions, because the step
+    /// word is written through the queue, between submissions.
+    fn set_start(&mut self, start: usize) {
+        if self.start == Some(start) || self.error.is_some() {
+            return;
+        }
+        if self.start.is_some() {
+            // Waiting keeps at most one pass in flight (thousands of queued prefill passes are
+            // refused by some drivers); a wait costs ~0.1 ms against a pass of several.
+            let encoder = self.encoder();
+            if let Err(e) = self.gpu.submit_and_wait(encoder.finish()) {
+                self.error = Some(e);
+                return;
+            }
+        }
+        if let Err(e) = self.gpu.write_step(&self.step, start) {
+            self.error = Some(e);
+        }
+        self.start = Some(start);
     }
 
     /// Closes the open pass and hands back its encoder (a fresh one when nothing was recorded).
     fn encoder(&mut self) -> wgpu::CommandEncoder {
+        self.start = None;
         match self.recording.take() {
             Some(Recording { pass, encoder }) => {
                 drop(pass);
@@ -91,6 +137,8 @@ impl GpuBackend {
     /// Submits everything recorded plus a copy of `bytes` bytes of `buf`, and returns them.
     fn finish_and_read(&mut self, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
         let encoder = self.encoder();
+        self.last_ops = std::mem::take(&mut self.ops);
+        self.last_recording_time = std::mem::take(&mut self.recording_time);
         if let Some(e) = self.error.take() {
             return Err(e.into());
         }
@@ -115,16 +163,22 @@ impl Backend for GpuBackend {
     }
 
     fn matrix(&mut self, host: Tensor) -> Result<GpuMatrix> {
-        Ok(self.gpu.upload(&host)?)
+        let m = self.gpu.upload(&host)?;
+        self.device_bytes += m.device_bytes();
+        Ok(m)
     }
 
     fn buffer(&mut self, values: &[f32]) -> Result<GpuVector> {
-        Ok(self.gpu.vector(values)?)
+        let v = self.gpu.vector(values)?;
+        self.device_bytes += v.buffer.size();
+        Ok(v)
     }
 
     fn scratch(&mut self, len: usize) -> Result<GpuVector> {
         // Zeroed: the matrix kernels read x in whole 64-column blocks, so padding must be zero.
-        Ok(self.gpu.zeros(len)?)
+        let v = self.gpu.zeros(len)?;
+        self.device_bytes += v.buffer.size();
+        Ok(v)
     }
 
     fn kv_cache(&mut self, ctx: usize, kv_dim: usize) -> Result<GpuVector> {
@@ -133,7 +187,16 @@ impl Backend for GpuBackend {
         } else {
             ctx * kv_dim
         };
-        Ok(self.gpu.zeros(len)?)
+        self.scratch(len)
+    }
+
+    fn stats(&self) -> String {
+        format!(
+            "{:.1} MB of device buffers, {} ops in the last pass (one submission), recorded in {:.2} ms",
+            self.device_bytes as f64 / 1e6,
+            self.last_ops,
+            self.last_recording_time.as_secs_f64() * 1e3
+        )
     }
 
     fn max_batch(&self) -> usize {
@@ -159,6 +222,18 @@ impl Backend for GpuBackend {
                 )));
             }
             gpu.matvec(pass, w, &view(x, w.cols), &view(y, w.rows), None)
+        });
+    }
+
+    fn matmul_add(&mut self, w: &GpuMatrix, x: &GpuVector, y: &mut GpuVector, n: usize) {
+        self.record(|gpu, pass| {
+            if n != 1 {
+                return Err(GpuError::Shape(format!(
+                    "matmul of {n} vectors; this backend takes 1"
+                )));
+            }
+            let y = view(y, w.rows);
+            gpu.matvec(pass, w, &view(x, w.cols), &y, Some(&y))
         });
     }
 
@@ -195,15 +270,18 @@ impl Backend for GpuBackend {
         n: usize,
     ) {
         let dims = self.dims(s);
+        self.set_start(start);
+        let step = self.step.clone();
         self.record(|gpu, pass| {
+            let half = s.rotary_dim / 2;
             gpu.rope(
                 pass,
                 &qkv.buffer,
                 &cos.buffer,
                 &sin.buffer,
+                &step,
                 &dims,
-                s.rotary_dim / 2,
-                start,
+                half,
                 n,
             )
         });
@@ -219,8 +297,10 @@ impl Backend for GpuBackend {
         n: usize,
     ) {
         let dims = self.dims(s);
+        self.set_start(start);
+        let step = self.step.clone();
         self.record(|gpu, pass| {
-            gpu.kv_store(pass, &qkv.buffer, &k.buffer, &v.buffer, &dims, start, n)
+            gpu.kv_store(pass, &qkv.buffer, &k.buffer, &v.buffer, &step, &dims, n)
         });
     }
 
@@ -235,6 +315,8 @@ impl Backend for GpuBackend {
         n: usize,
     ) {
         let dims = self.dims(s);
+        self.set_start(start);
+        let step = self.step.clone();
         self.record(|gpu, pass| {
             gpu.attention(
                 pass,
@@ -242,8 +324,8 @@ impl Backend for GpuBackend {
                 &k.buffer,
                 &v.buffer,
                 &out.buffer,
+                &step,
                 &dims,
-                start,
                 n,
             )
         });

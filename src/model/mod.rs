@@ -9,14 +9,18 @@
 //!   implement it.
 //! - [`rope`]: RoPE / LongRoPE tables. [`phi3`]: the model, its KV cache and generation loop.
 //! - [`sampler`], [`tokenizer`]: choosing tokens, text and chat templates.
+//! - [`calibration`]: activation norms of the linear layers' inputs (Wanda pruning).
+//! - [`perplexity`]: held-out perplexity over windows of a token stream, on any backend.
 
 pub mod backend;
+pub mod calibration;
 pub mod checkpoint;
 pub mod config;
 pub mod convert;
 pub mod cpu_backend;
 pub mod error;
 pub mod gpu_backend;
+pub mod perplexity;
 pub mod phi3;
 pub mod rope;
 pub mod sampler;

@@ -34,7 +34,8 @@ struct Activations<Buf> {
     rows: usize,
     /// Residual stream [rows, hidden].
     x: Buf,
-    /// Normed input of a block, and a block's output before the residual add [rows, hidden].
+    /// Normed input of a block [rows, hidden] (the blocks' outputs are added into `x` by their last
+    /// product).
     xb: Buf,
     qkv: Buf,
     /// Attention output [rows, q_dim].
@@ -286,15 +287,13 @@ impl<B: Backend> Phi3<B> {
                 start,
                 n,
             );
-            b.matmul(&layer.o, &a.att, &mut a.xb, n);
-            b.add(&mut a.x, &a.xb, n * hidden);
+            b.matmul_add(&layer.o, &a.att, &mut a.x, n);
 
             // MLP block.
             b.rmsnorm(&a.x, &layer.mlp_norm, eps, &mut a.xb, n, hidden);
             b.matmul(&layer.gate_up, &a.xb, &mut a.gate_up, n);
             b.silu_mul(&a.gate_up, &mut a.mlp, inter, n);
-            b.matmul(&layer.down, &a.mlp, &mut a.xb, n);
-            b.add(&mut a.x, &a.xb, n * hidden);
+            b.matmul_add(&layer.down, &a.mlp, &mut a.x, n);
         }
 
         match want {

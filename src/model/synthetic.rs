@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use super::config::Config;
 use super::weights::{CodecPlan, HostWeights, LayerWeights};
 use crate::format::sparse::{self, BLOCK, BLOCK_CODE_BYTES, KEEP};
-use crate::format::{Codec, DenseF16, DenseF32, Q4Matrix, SparseMatrix, Tensor};
+use crate::format::{Codec, DenseF16, DenseF32, Q3Matrix, Q4Matrix, SparseMatrix, Tensor};
 use crate::rng::Rng;
 
 /// Root mean square of the 4-bit grid's levels (odd integers -15..15): sqrt(680 / 8).
@@ -93,6 +93,22 @@ pub fn random_tensor(
                 rows,
                 cols,
                 values: values.into(),
+            })
+        }
+        Codec::Q3 => {
+            let group = Q3Matrix::DEFAULT_GROUP;
+            let padded = Q3Matrix::padded_cols(cols, group);
+            let rb = Q3Matrix::row_bytes(cols, group);
+            let mut codes = vec![0u8; rows * rb];
+            fill_rows(&mut codes, rb, seed, random_bytes);
+            // Level RMS of the 3-bit grid: sqrt(mean of (2c - 7)^2) = sqrt(21).
+            let scales = vec![f16::from_f32(std / 21f32.sqrt()); rows * padded / group];
+            Tensor::Q3(Q3Matrix {
+                rows,
+                cols,
+                group,
+                codes: codes.into(),
+                scales: scales.into(),
             })
         }
         Codec::Q4 => {

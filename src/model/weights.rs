@@ -1,10 +1,11 @@
 //! The weights of a Phi-3 model in the codecs chosen per tensor, generic over where they live: host
 //! [`Tensor`]s as loaded, or a backend's own matrices and buffers once uploaded.
 
+use super::calibration::ActivationNorms;
 use super::checkpoint::Checkpoint;
 use super::config::Config;
 use super::error::{ModelError, Result};
-use crate::format::{sparse, Codec, DenseF16, DenseF32, Q4Matrix, SparseMatrix, Tensor};
+use crate::format::{sparse, Codec, DenseF16, DenseF32, Q3Matrix, Q4Matrix, SparseMatrix, Tensor};
 
 /// Which codec each kind of tensor gets. Norm weights are always f32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -195,9 +196,19 @@ impl<M, V> Weights<M, V> {
 impl HostWeights {
     /// Reads and encodes every tensor of a checkpoint; f32 tensors under [`Codec::F32`] stay in the map.
     pub fn from_checkpoint(ckpt: &Checkpoint, plan: &CodecPlan) -> Result<Self> {
+        Self::from_checkpoint_calibrated(ckpt, plan, None)
+    }
+
+    /// [`Self::from_checkpoint`], the sparse codec ranking weights by |w| * ||x_col|| with the
+    /// activation norms of `norms` (Wanda) where it has them.
+    pub fn from_checkpoint_calibrated(
+        ckpt: &Checkpoint,
+        plan: &CodecPlan,
+        norms: Option<&ActivationNorms>,
+    ) -> Result<Self> {
         Self::build(
             &ckpt.config,
-            |m| encode_from_checkpoint(ckpt, m, plan),
+            |m| encode_from_checkpoint(ckpt, m, plan, norms.and_then(|n| n.get(m.name))),
             |name, len| ckpt.vector(name, len),
         )
     }
@@ -276,11 +287,13 @@ impl HostWeights {
     }
 }
 
-/// Reads matrix `m` of a checkpoint and encodes it with the codec `plan` gives its role.
+/// Reads matrix `m` of a checkpoint and encodes it with the codec `plan` gives its role; `norms` are
+/// its input columns' activation norms for the sparse codec's saliency (ignored by other codecs).
 pub fn encode_from_checkpoint(
     ckpt: &Checkpoint,
     m: MatrixName,
     plan: &CodecPlan,
+    norms: Option<&[f32]>,
 ) -> Result<Tensor> {
     let (name, rows, cols, codec) = (m.name, m.rows, m.cols, plan.codec(m.role));
     if codec == Codec::F32 {
@@ -301,7 +314,7 @@ pub fn encode_from_checkpoint(
         }
     }
     let view = ckpt.matrix(name, rows, cols)?;
-    encode(&view.dense(), codec, plan).map_err(|source| ModelError::Encode {
+    encode_calibrated(&view.dense(), codec, plan, norms).map_err(|source| ModelError::Encode {
         tensor: name.into(),
         source,
     })
@@ -313,10 +326,21 @@ pub fn encode(
     codec: Codec,
     plan: &CodecPlan,
 ) -> crate::format::Result<Tensor> {
+    encode_calibrated(w, codec, plan, None)
+}
+
+/// [`encode`] with optional activation norms of the input columns (used by the sparse codec only).
+pub fn encode_calibrated(
+    w: &crate::format::Dense,
+    codec: Codec,
+    plan: &CodecPlan,
+    norms: Option<&[f32]>,
+) -> crate::format::Result<Tensor> {
     Ok(match codec {
         Codec::F32 => Tensor::F32(DenseF32::encode(w)?),
         Codec::F16 => Tensor::F16(DenseF16::encode(w)?),
         Codec::Q4 => Tensor::Q4(Q4Matrix::encode(w, plan.q4_group)?),
-        Codec::Sparse => Tensor::Sparse(SparseMatrix::encode(w, plan.sparse_group, None)?),
+        Codec::Q3 => Tensor::Q3(Q3Matrix::encode(w, Q3Matrix::DEFAULT_GROUP)?),
+        Codec::Sparse => Tensor::Sparse(SparseMatrix::encode(w, plan.sparse_group, norms)?),
     })
 }

@@ -5,23 +5,23 @@ use crate::format::Tensor;
 use crate::gpu::{Gpu, GpuError, GpuOptions, Result};
 
 /// Where matrix-vector products run.
-pub enum Backend {
+pub enum Device {
     Gpu(Box<Gpu>),
     Cpu,
 }
 
-/// The CPU kernel used when there is no GPU: the one place to switch to the SIMD kernels.
-fn cpu_matvec(w: &Tensor, x: &[f32], y: &mut [f32]) {
-    crate::cpu::reference::spmv(w, x, y)
+/// The CPU kernel used when there is no GPU (SIMD, all cores).
+fn cpu_matvec(w: &Tensor, x: &[f32], y: &mut [f32]) -> Result<()> {
+    crate::cpu::spmv(w, x, y).map_err(|e| GpuError::Shape(e.to_string()))
 }
 
-impl Backend {
+impl Device {
     /// The GPU that `UPG_BACKEND` / `UPG_ADAPTER` allow, or the CPU when there is none (or
     /// `UPG_BACKEND=cpu`). Errors only for a malformed `UPG_BACKEND` or a device that fails to open.
     pub fn auto() -> Result<Self> {
         match GpuOptions::from_env().and_then(|o| Gpu::new(&o)) {
-            Ok(gpu) => Ok(Backend::Gpu(Box::new(gpu))),
-            Err(GpuError::NoAdapter(_)) => Ok(Backend::Cpu),
+            Ok(gpu) => Ok(Device::Gpu(Box::new(gpu))),
+            Err(GpuError::NoAdapter(_)) => Ok(Device::Cpu),
             Err(e) => Err(e),
         }
     }
@@ -29,8 +29,8 @@ impl Backend {
     /// "GPU: name (backend, driver)" or "CPU".
     pub fn describe(&self) -> String {
         match self {
-            Backend::Gpu(g) => format!("GPU: {}", g.describe()),
-            Backend::Cpu => "CPU".into(),
+            Device::Gpu(g) => format!("GPU: {}", g.describe()),
+            Device::Cpu => "CPU".into(),
         }
     }
 
@@ -45,13 +45,13 @@ impl Backend {
             )));
         }
         match self {
-            Backend::Gpu(gpu) => gpu.matvec_host(&gpu.upload(w)?, x),
-            Backend::Cpu => {
+            Device::Gpu(gpu) => gpu.matvec_host(&gpu.upload(w)?, x),
+            Device::Cpu => {
                 if let Err((plane, msg)) = w.validate() {
                     return Err(GpuError::Layout(format!("plane '{plane}' {msg}")));
                 }
                 let mut y = vec![0.0; rows];
-                cpu_matvec(w, x, &mut y);
+                cpu_matvec(w, x, &mut y)?;
                 Ok(y)
             }
         }
