@@ -39,6 +39,30 @@ fn check_len(
     Ok(())
 }
 
+/// The `scales` plane of a grouped codec: one finite f16 per `group` of the `padded` columns of a row.
+fn check_scales(
+    scales: &[f16],
+    rows: usize,
+    cols: usize,
+    padded: usize,
+    group: usize,
+) -> std::result::Result<(), (&'static str, String)> {
+    let want = rows * padded / group;
+    if scales.len() != want {
+        return Err((
+            "scales",
+            format!(
+                "has {} elements, shape [{rows}, {cols}] with group {group} needs {want}",
+                scales.len()
+            ),
+        ));
+    }
+    if let Some(i) = scales.iter().position(|s| !s.is_finite()) {
+        return Err(("scales", format!("scale {i} is {}", scales[i])));
+    }
+    Ok(())
+}
+
 #[derive(Debug)]
 pub struct DenseF32 {
     pub rows: usize,
@@ -194,23 +218,7 @@ impl Q4Matrix {
                 ),
             ));
         }
-        if self.scales.len() != self.rows * padded / self.group {
-            return Err((
-                "scales",
-                format!(
-                    "has {} elements, shape [{}, {}] with group {} needs {}",
-                    self.scales.len(),
-                    self.rows,
-                    self.cols,
-                    self.group,
-                    self.rows * padded / self.group
-                ),
-            ));
-        }
-        if let Some(i) = self.scales.iter().position(|s| !s.is_finite()) {
-            return Err(("scales", format!("scale {i} is {}", self.scales[i])));
-        }
-        Ok(())
+        check_scales(&self.scales, self.rows, self.cols, padded, self.group)
     }
 
     pub fn stored_bytes(&self) -> usize {
@@ -333,23 +341,7 @@ impl Q3Matrix {
                 ),
             ));
         }
-        if self.scales.len() != self.rows * padded / self.group {
-            return Err((
-                "scales",
-                format!(
-                    "has {} elements, shape [{}, {}] with group {} needs {}",
-                    self.scales.len(),
-                    self.rows,
-                    self.cols,
-                    self.group,
-                    self.rows * padded / self.group
-                ),
-            ));
-        }
-        if let Some(i) = self.scales.iter().position(|s| !s.is_finite()) {
-            return Err(("scales", format!("scale {i} is {}", self.scales[i])));
-        }
-        Ok(())
+        check_scales(&self.scales, self.rows, self.cols, padded, self.group)
     }
 
     pub fn stored_bytes(&self) -> usize {
