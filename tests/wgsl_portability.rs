@@ -8,7 +8,7 @@ use naga::valid::{
     Capabilities, ModuleInfo, ShaderStages, SubgroupOperationSet, ValidationFlags, Validator,
 };
 use naga::{AddressSpace, Module, ShaderStage, StorageAccess};
-use upg::gpu::shader::{preprocess, Binding, Kernel, Variant};
+use upg::gpu::shader::{library, preprocess, Binding, Kernel, Variant};
 
 /// Override values that the launchers use besides the defaults (largest shapes, every mode).
 fn override_sets(k: Kernel) -> Vec<Vec<(&'static str, f64)>> {
@@ -275,4 +275,30 @@ fn preprocessor_keeps_one_side_and_reports_mistakes() {
             .unwrap_err()
             .contains("nested")
     );
+    assert!(preprocess("// #include nothing.wgsl\n", Variant::default()).is_err());
+    assert!(preprocess(
+        "// #if f16\n// #include team_sum.wgsl\n// #endif\n",
+        Variant::default()
+    )
+    .is_err());
+    // An include brings the library file in, preprocessed for the same variant.
+    let with = preprocess("// #include team_sum.wgsl\n", Variant::ALL[3]).unwrap();
+    assert!(with.contains("fn team_store") && with.contains("subgroupShuffleXor"));
+    let without = preprocess("// #include team_sum.wgsl\n", Variant::default()).unwrap();
+    assert!(without.contains("fn team_store") && !without.contains("subgroupShuffleXor"));
+}
+
+#[test]
+fn every_library_file_is_known_and_used() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("wgsl/lib");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        let on_disk = std::fs::read_to_string(dir.join(&name)).unwrap();
+        assert_eq!(library(&name), Some(on_disk.as_str()), "wgsl/lib/{name}");
+        let directive = format!("// #include {name}");
+        assert!(
+            Kernel::ALL.iter().any(|k| k.source().contains(&directive)),
+            "wgsl/lib/{name} is included by no kernel"
+        );
+    }
 }

@@ -11,7 +11,7 @@
 //   3  storage, read_write y:   array<f32>
 //   4  storage, read      res: array<f32>        read only when RESIDUAL == 1
 // Workgroup: 256 threads = 8 teams of 32; team = one row, its lanes read consecutive 16-byte chunks.
-// Team sums: subgroupShuffleXor inside a subgroup (when there are subgroups), then workgroup memory.
+// Team sums: team_store from wgsl/lib/team_sum.wgsl (subgroup butterfly, then workgroup memory).
 // Dispatch: ceil(rows / 8) workgroups, (x, y) with id = x + y * num_workgroups.x when over 65535.
 // Features: none; subgroups: shuffle reduction.
 
@@ -63,26 +63,10 @@ fn main(
     }
     var v = acc0 + acc1;
 // #if subgroups
-    let width = min(TEAM, sg_size);
-    for (var off = width / 2u; off > 0u; off >>= 1u) {
-        v += subgroupShuffleXor(v, off);
-    }
+    team_store(v, li, i, sg_size);
 // #else
-    let width = 1u;
+    team_store(v, li, i, 1u);
 // #endif
-    partial[li] = v;
-    workgroupBarrier();
-    if lane == 0u && i < params.rows {
-        var sum = 0.0;
-        for (var k = 0u; k < TEAM; k += width) {
-            sum += partial[li + k];
-        }
-        let out = params.row0 + i;
-        if RESIDUAL == 1u {
-            sum += res[out];
-        } else if RESIDUAL == 2u {
-            sum += y[out];
-        }
-        y[out] = sum;
-    }
 }
+
+// #include team_sum.wgsl

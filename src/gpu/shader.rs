@@ -3,7 +3,9 @@
 //!
 //! Preprocessing: a line `// #if f16` or `// #if subgroups` opens a section kept only in that variant,
 //! `// #else` switches to the section kept otherwise, `// #endif` closes it (no nesting). Dropped lines
-//! become empty lines, so naga's error positions still match the file.
+//! become empty lines, so naga's error positions still match the file. A line `// #include NAME` (outside
+//! sections) is replaced by `wgsl/lib/NAME`, itself preprocessed: code that several kernels share. WGSL
+//! declarations may follow their use, so includes go last and the file's own line numbers stay right.
 
 /// One WGSL file in `wgsl/`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -153,7 +155,15 @@ impl Kernel {
     }
 }
 
-/// Keeps the lines of `src` that belong to `variant` (see the module comment).
+/// The shared sources in `wgsl/lib/`, by the name an `// #include` gives.
+pub fn library(name: &str) -> Option<&'static str> {
+    match name {
+        "team_sum.wgsl" => Some(include_str!("../../wgsl/lib/team_sum.wgsl")),
+        _ => None,
+    }
+}
+
+/// Keeps the lines of `src` that belong to `variant` and expands includes (see the module comment).
 pub fn preprocess(src: &str, variant: Variant) -> Result<String, String> {
     // None: outside any section; Some(keep): inside one, keeping its lines or not.
     let mut keep: Option<bool> = None;
@@ -186,6 +196,19 @@ pub fn preprocess(src: &str, variant: Variant) -> Result<String, String> {
                 keep.ok_or(format!("line {}: #endif outside #if", n + 1))?;
                 keep = None;
                 emit = false;
+            }
+            Some(d) if d.starts_with("include ") => {
+                if keep.is_some() {
+                    return Err(format!("line {}: #include inside #if", n + 1));
+                }
+                let name = d[8..].trim();
+                let lib = library(name)
+                    .ok_or(format!("line {}: no wgsl/lib/{name} to include", n + 1))?;
+                if lib.lines().any(|l| l.trim().starts_with("// #include")) {
+                    return Err(format!("wgsl/lib/{name}: includes do not nest"));
+                }
+                out.push_str(&preprocess(lib, variant).map_err(|e| format!("{name}: {e}"))?);
+                continue;
             }
             _ => {}
         }
