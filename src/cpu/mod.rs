@@ -293,26 +293,11 @@ pub fn decompress_f32(w: &Tensor, out: &mut [f32]) -> Result<()> {
 
 /// [`decompress_f32`] on the given SIMD path.
 pub fn decompress_f32_with(simd: Simd, w: &Tensor, out: &mut [f32]) -> Result<()> {
-    let [rows, cols] = w.shape();
-    expect_len(
-        "out",
-        out.len(),
-        rows * cols,
-        "rows * cols values",
-        rows,
-        cols,
-    )?;
-    let k = simd.kernels()?;
-    check_tensor(w)?;
-    if cols == 0 {
-        return Ok(());
-    }
-    let stream = std::mem::size_of_val(out) >= STREAM_BYTES;
-    for_row_runs(out, cols, rows, cols, |r0, out| {
+    let cols = w.shape()[1];
+    decompress_into(simd, w, out, |k, r0, out, stream| {
         // SAFETY: as in `spmv_with`.
         unsafe { (k.decode_rows)(w, r0, out, cols, stream) }
-    });
-    Ok(())
+    })
 }
 
 /// Dense row-major f16 copy of `w`: each reference-decoded value rounded to the nearest f16.
@@ -322,6 +307,20 @@ pub fn decompress_f16(w: &Tensor, out: &mut [f16]) -> Result<()> {
 
 /// [`decompress_f16`] on the given SIMD path.
 pub fn decompress_f16_with(simd: Simd, w: &Tensor, out: &mut [f16]) -> Result<()> {
+    decompress_into(simd, w, out, |k, r0, out, stream| {
+        // SAFETY: as in `spmv_with`.
+        unsafe { (k.decode_rows_f16)(w, r0, out, stream) }
+    })
+}
+
+/// The shape checks and the row split shared by both decompressions: `decode(kernels, first_row,
+/// rows_out, stream)` fills whole rows of `out`.
+fn decompress_into<T: Send>(
+    simd: Simd,
+    w: &Tensor,
+    out: &mut [T],
+    decode: impl Fn(&Kernels, usize, &mut [T], bool) + Sync,
+) -> Result<()> {
     let [rows, cols] = w.shape();
     expect_len(
         "out",
@@ -337,10 +336,7 @@ pub fn decompress_f16_with(simd: Simd, w: &Tensor, out: &mut [f16]) -> Result<()
         return Ok(());
     }
     let stream = std::mem::size_of_val(out) >= STREAM_BYTES;
-    for_row_runs(out, cols, rows, cols, |r0, out| {
-        // SAFETY: as in `spmv_with`.
-        unsafe { (k.decode_rows_f16)(w, r0, out, stream) }
-    });
+    for_row_runs(out, cols, rows, cols, |r0, out| decode(k, r0, out, stream));
     Ok(())
 }
 
