@@ -105,6 +105,8 @@ pub struct Features {
     pub f16: bool,
     pub subgroups: bool,
     pub timestamps: bool,
+    /// Timestamps between the dispatches of a compute pass (the per-op profile of GpuBackend).
+    pub timestamps_in_passes: bool,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -218,6 +220,10 @@ impl Gpu {
                 want |= f;
             }
         }
+        let inside = wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+        if want.contains(wgpu::Features::TIMESTAMP_QUERY) && have.contains(inside) {
+            want |= inside;
+        }
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("upg"),
@@ -268,6 +274,7 @@ impl Gpu {
                 f16: want.contains(wgpu::Features::SHADER_F16),
                 subgroups: want.contains(wgpu::Features::SUBGROUP),
                 timestamps: want.contains(wgpu::Features::TIMESTAMP_QUERY),
+                timestamps_in_passes: want.contains(inside),
             },
             device,
             queue,

@@ -7,6 +7,7 @@
 
 use super::backend::{AttentionShape, Backend};
 use super::error::{ModelError, Result};
+use super::gpu_profile::Profiler;
 use super::sampler::Sampler;
 use crate::format::Tensor;
 use crate::gpu::{AttentionDims, Gpu, GpuError, GpuMatrix, GpuVector};
@@ -31,6 +32,8 @@ pub struct GpuBackend {
     last_recording_time: std::time::Duration,
     /// Bytes of the device buffers this backend made (weights, activations, caches).
     device_bytes: u64,
+    /// Per-op timestamps (`UPG_PROFILE=1`); `None` records the passes without any.
+    profile: Option<Profiler>,
 }
 
 /// The command encoder of the pass being recorded, and its open compute pass.
@@ -43,6 +46,7 @@ impl GpuBackend {
     pub fn new(gpu: Gpu, kv_f16: bool) -> Result<Self> {
         let token = gpu.zeros(4)?.buffer;
         let step = gpu.step_buffer()?;
+        let profile = Profiler::from_env(&gpu);
         Ok(Self {
             gpu,
             kv_f16,
@@ -56,6 +60,7 @@ impl GpuBackend {
             recording_time: std::time::Duration::ZERO,
             last_recording_time: std::time::Duration::ZERO,
             device_bytes: 0,
+            profile,
         })
     }
 
@@ -74,8 +79,10 @@ impl GpuBackend {
     }
 
     /// Records one launch into the open pass (opening one if needed), keeping the first error.
+    /// `label` names the op in the profile (called only when profiling).
     fn record(
         &mut self,
+        label: impl FnOnce() -> String,
         f: impl FnOnce(&Gpu, &mut wgpu::ComputePass<'static>) -> crate::gpu::Result<()>,
     ) {
         if self.error.is_some() {
@@ -84,15 +91,22 @@ impl GpuBackend {
         self.ops += 1;
         let started = std::time::Instant::now();
         let gpu = &self.gpu;
+        let profile = &mut self.profile;
         let rec = self.recording.get_or_insert_with(|| {
             let mut encoder = gpu.device().create_command_encoder(&Default::default());
-            let pass = encoder
+            let mut pass = encoder
                 .begin_compute_pass(&Default::default())
                 .forget_lifetime();
+            if let Some(p) = profile.as_mut() {
+                p.start(&mut pass);
+            }
             Recording { pass, encoder }
         });
         if let Err(e) = f(gpu, &mut rec.pass) {
             self.error = Some(e);
+        }
+        if let Some(p) = profile.as_mut() {
+            p.stamp(&mut rec.pass, label());
         }
         self.recording_time += started.elapsed();
     }
@@ -108,6 +122,9 @@ impl GpuBackend {
             // Waiting keeps at most one pass in flight (thousands of queued prefill passes are
             // refused by some drivers); a wait costs ~0.1 ms against a pass of several.
             let encoder = self.encoder();
+            if let Some(p) = self.profile.as_mut() {
+                p.discard();
+            }
             if let Err(e) = self.gpu.submit_and_wait(encoder.finish()) {
                 self.error = Some(e);
                 return;
@@ -136,14 +153,30 @@ impl GpuBackend {
 
     /// Submits everything recorded plus a copy of `bytes` bytes of `buf`, and returns them.
     fn finish_and_read(&mut self, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
-        let encoder = self.encoder();
+        let mut encoder = self.encoder();
         self.last_ops = std::mem::take(&mut self.ops);
         self.last_recording_time = std::mem::take(&mut self.recording_time);
         if let Some(e) = self.error.take() {
+            if let Some(p) = self.profile.as_mut() {
+                p.discard();
+            }
             return Err(e.into());
         }
-        Ok(self.gpu.submit_and_read(encoder, buf, 0, bytes)?)
+        let timed = self
+            .profile
+            .as_mut()
+            .is_some_and(|p| p.resolve(&mut encoder));
+        let out = self.gpu.submit_and_read(encoder, buf, 0, bytes)?;
+        if let (true, Some(p)) = (timed, self.profile.as_mut()) {
+            p.collect(&self.gpu)?;
+        }
+        Ok(out)
     }
+}
+
+/// The profile's name of a product: codec and shape (the shape tells Phi-4's projections apart).
+fn product_label(what: &str, w: &GpuMatrix) -> String {
+    format!("{what} {:?} {}x{}", w.codec, w.rows, w.cols)
 }
 
 /// A view of `len` values of a device buffer (the kernels check lengths against matrix shapes).
@@ -191,12 +224,17 @@ impl Backend for GpuBackend {
     }
 
     fn stats(&self) -> String {
-        format!(
+        let mut s = format!(
             "{:.1} MB of device buffers, {} ops in the last pass (one submission), recorded in {:.2} ms",
             self.device_bytes as f64 / 1e6,
             self.last_ops,
             self.last_recording_time.as_secs_f64() * 1e3
-        )
+        );
+        if let Some(p) = &self.profile {
+            s += "\n";
+            s += &p.table();
+        }
+        s
     }
 
     fn max_batch(&self) -> usize {
@@ -206,35 +244,44 @@ impl Backend for GpuBackend {
 
     fn embed(&mut self, table: &GpuMatrix, tokens: &[u32], out: &mut GpuVector) {
         let cols = table.cols;
-        self.record(|gpu, pass| {
-            for (t, &id) in tokens.iter().enumerate() {
-                gpu.embed(pass, table, id as usize, &out.buffer, t * cols)?;
-            }
-            Ok(())
-        });
+        self.record(
+            || "embed".into(),
+            |gpu, pass| {
+                for (t, &id) in tokens.iter().enumerate() {
+                    gpu.embed(pass, table, id as usize, &out.buffer, t * cols)?;
+                }
+                Ok(())
+            },
+        );
     }
 
     fn matmul(&mut self, w: &GpuMatrix, x: &GpuVector, y: &mut GpuVector, n: usize) {
-        self.record(|gpu, pass| {
-            if n != 1 {
-                return Err(GpuError::Shape(format!(
-                    "matmul of {n} vectors; this backend takes 1"
-                )));
-            }
-            gpu.matvec(pass, w, &view(x, w.cols), &view(y, w.rows), None)
-        });
+        self.record(
+            || product_label("matmul", w),
+            |gpu, pass| {
+                if n != 1 {
+                    return Err(GpuError::Shape(format!(
+                        "matmul of {n} vectors; this backend takes 1"
+                    )));
+                }
+                gpu.matvec(pass, w, &view(x, w.cols), &view(y, w.rows), None)
+            },
+        );
     }
 
     fn matmul_add(&mut self, w: &GpuMatrix, x: &GpuVector, y: &mut GpuVector, n: usize) {
-        self.record(|gpu, pass| {
-            if n != 1 {
-                return Err(GpuError::Shape(format!(
-                    "matmul of {n} vectors; this backend takes 1"
-                )));
-            }
-            let y = view(y, w.rows);
-            gpu.matvec(pass, w, &view(x, w.cols), &y, Some(&y))
-        });
+        self.record(
+            || product_label("matmul+add", w),
+            |gpu, pass| {
+                if n != 1 {
+                    return Err(GpuError::Shape(format!(
+                        "matmul of {n} vectors; this backend takes 1"
+                    )));
+                }
+                let y = view(y, w.rows);
+                gpu.matvec(pass, w, &view(x, w.cols), &y, Some(&y))
+            },
+        );
     }
 
     fn rmsnorm(
@@ -246,18 +293,21 @@ impl Backend for GpuBackend {
         n: usize,
         width: usize,
     ) {
-        self.record(|gpu, pass| {
-            gpu.rmsnorm(
-                pass,
-                &x.buffer,
-                0,
-                &weight.buffer,
-                &out.buffer,
-                eps,
-                n,
-                width,
-            )
-        });
+        self.record(
+            || "rmsnorm".into(),
+            |gpu, pass| {
+                gpu.rmsnorm(
+                    pass,
+                    &x.buffer,
+                    0,
+                    &weight.buffer,
+                    &out.buffer,
+                    eps,
+                    n,
+                    width,
+                )
+            },
+        );
     }
 
     fn rope(
@@ -272,19 +322,22 @@ impl Backend for GpuBackend {
         let dims = self.dims(s);
         self.set_start(start);
         let step = self.step.clone();
-        self.record(|gpu, pass| {
-            let half = s.rotary_dim / 2;
-            gpu.rope(
-                pass,
-                &qkv.buffer,
-                &cos.buffer,
-                &sin.buffer,
-                &step,
-                &dims,
-                half,
-                n,
-            )
-        });
+        self.record(
+            || "rope".into(),
+            |gpu, pass| {
+                let half = s.rotary_dim / 2;
+                gpu.rope(
+                    pass,
+                    &qkv.buffer,
+                    &cos.buffer,
+                    &sin.buffer,
+                    &step,
+                    &dims,
+                    half,
+                    n,
+                )
+            },
+        );
     }
 
     fn store_kv(
@@ -299,9 +352,10 @@ impl Backend for GpuBackend {
         let dims = self.dims(s);
         self.set_start(start);
         let step = self.step.clone();
-        self.record(|gpu, pass| {
-            gpu.kv_store(pass, &qkv.buffer, &k.buffer, &v.buffer, &step, &dims, n)
-        });
+        self.record(
+            || "kv_store".into(),
+            |gpu, pass| gpu.kv_store(pass, &qkv.buffer, &k.buffer, &v.buffer, &step, &dims, n),
+        );
     }
 
     fn attention(
@@ -317,26 +371,35 @@ impl Backend for GpuBackend {
         let dims = self.dims(s);
         self.set_start(start);
         let step = self.step.clone();
-        self.record(|gpu, pass| {
-            gpu.attention(
-                pass,
-                &qkv.buffer,
-                &k.buffer,
-                &v.buffer,
-                &out.buffer,
-                &step,
-                &dims,
-                n,
-            )
-        });
+        self.record(
+            || "attention".into(),
+            |gpu, pass| {
+                gpu.attention(
+                    pass,
+                    &qkv.buffer,
+                    &k.buffer,
+                    &v.buffer,
+                    &out.buffer,
+                    &step,
+                    &dims,
+                    n,
+                )
+            },
+        );
     }
 
     fn silu_mul(&mut self, gate_up: &GpuVector, out: &mut GpuVector, width: usize, n: usize) {
-        self.record(|gpu, pass| gpu.silu_mul(pass, &gate_up.buffer, &out.buffer, width, n));
+        self.record(
+            || "silu_mul".into(),
+            |gpu, pass| gpu.silu_mul(pass, &gate_up.buffer, &out.buffer, width, n),
+        );
     }
 
     fn add(&mut self, x: &mut GpuVector, y: &GpuVector, len: usize) {
-        self.record(|gpu, pass| gpu.add(pass, &x.buffer, &y.buffer, len));
+        self.record(
+            || "add".into(),
+            |gpu, pass| gpu.add(pass, &x.buffer, &y.buffer, len),
+        );
     }
 
     fn copy(
@@ -351,6 +414,7 @@ impl Backend for GpuBackend {
             return;
         }
         // A buffer copy cannot sit inside a compute pass: close it, copy, and let the next op open another.
+        let fresh = self.recording.is_none();
         let mut encoder = self.encoder();
         encoder.copy_buffer_to_buffer(
             &src.buffer,
@@ -359,9 +423,16 @@ impl Backend for GpuBackend {
             4 * dst_offset as u64,
             4 * len as u64,
         );
-        let pass = encoder
+        let mut pass = encoder
             .begin_compute_pass(&Default::default())
             .forget_lifetime();
+        if let Some(p) = self.profile.as_mut() {
+            if fresh {
+                p.start(&mut pass);
+            } else {
+                p.stamp(&mut pass, "copy".into());
+            }
+        }
         self.recording = Some(Recording { pass, encoder });
     }
 
@@ -374,7 +445,10 @@ impl Backend for GpuBackend {
     ) -> Result<u32> {
         if sampler.is_greedy() && sampler.config.repeat_penalty == 1.0 {
             let token = self.token.clone();
-            self.record(|gpu, pass| gpu.argmax(pass, &logits.buffer, 0, vocab, &token));
+            self.record(
+                || "argmax".into(),
+                |gpu, pass| gpu.argmax(pass, &logits.buffer, 0, vocab, &token),
+            );
             let bytes = self.finish_and_read(&token, 4)?;
             let id = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
             return if (id as usize) < vocab {

@@ -20,6 +20,7 @@ pub mod convert;
 pub mod cpu_backend;
 pub mod error;
 pub mod gpu_backend;
+mod gpu_profile;
 pub mod perplexity;
 pub mod phi3;
 pub mod rope;
