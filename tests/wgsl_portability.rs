@@ -22,11 +22,13 @@ fn override_sets(k: Kernel) -> Vec<Vec<(&'static str, f64)>> {
                 ("RESIDUAL", 1.0),
             ],
             vec![("SLICES", 1.0), ("TILE_BLOCKS", 1.0), ("RESIDUAL", 2.0)],
+            vec![("PROLOGUE", 1.0), ("EPS", 1e-6), ("RESIDUAL", 0.0)],
+            vec![("PROLOGUE", 2.0), ("SLICES", 16.0), ("RESIDUAL", 2.0)],
         ],
         Kernel::Decompress => vec![vec![], vec![("OUT_F32", 1.0), ("GROUP_BLOCKS", 3.0)]],
         Kernel::GemvQ4 => vec![vec![], vec![("GROUP_CHUNKS", 2.0), ("RESIDUAL", 1.0)]],
         Kernel::GemvF16 | Kernel::GemvF32 => vec![vec![], vec![("RESIDUAL", 2.0)]],
-        Kernel::KvStore | Kernel::Attention => vec![vec![], vec![("KV_F16", 0.0)]],
+        Kernel::KvStore | Kernel::RopeKv | Kernel::Attention => vec![vec![], vec![("KV_F16", 0.0)]],
         Kernel::Embed => vec![vec![], vec![("CODEC", 1.0)], vec![("CODEC", 2.0)]],
         Kernel::Copy
         | Kernel::Rmsnorm

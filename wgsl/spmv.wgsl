@@ -1,8 +1,14 @@
 // spmv: y = W x (+ r) for a UPG sparse matrix (50% balanced sparsity, 4-bit codes) in the GPU layout
 // that src/gpu/matrix.rs derives from the file planes at upload. f32 accumulation.
 //
-//   y[row0 + i] = sum over blocks b of scale(i, b) * sum over kept k of (2 c_k - 15) * x[col_k]
+//   y[row0 + i] = sum over blocks b of scale(i, b) * sum over kept k of (2 c_k - 15) * x'[col_k]
 //                 (+ res[row0 + i] when RESIDUAL == 1, + y[row0 + i] when RESIDUAL == 2)
+//
+// x' is x (PROLOGUE == 0), or made from x while it is staged, so that the op before the product needs no
+// launch of its own: PROLOGUE == 1, RMSNorm: x' = norm * x / sqrt(mean(x^2) + EPS), staged as norm * x
+// while the sum of squares is taken, and the row sums scaled by the one factor at the end (every
+// workgroup computes it: x is small); PROLOGUE == 2, SwiGLU: x holds [gate | up] of params.cols each
+// (cols a multiple of 4) and x' = silu(gate) * up, silu(g) = g / (1 + exp(-g)).
 //
 // GPU layout. Rows go in tiles of 32; record(t, b, l) = (t * blocks + b) * 32 + l is row 32 t + l of the
 // chunk at block b, so the 32 rows of a tile at one block are 32 consecutive records (one warp load).
@@ -21,6 +27,8 @@
 //   5  storage, read      x:      array<vec4<f32>>  zero-padded to a multiple of 64 entries
 //   6  storage, read_write y:     array<f32>
 //   7  storage, read      res:    array<f32>        read only when RESIDUAL == 1
+//   8  storage, read      norm:   array<vec4<f32>>  the RMSNorm weight, zero-padded like x; read only
+//                                                   when PROLOGUE == 1
 // Workgroup: 32 * SLICES threads, one row tile; thread (l = index % 32, slice = index / 32) sums its slice
 // of the blocks of row 32 t + l; slices are added in slice order (deterministic).
 // x is staged in workgroup memory TILE_BLOCKS blocks at a time, block k of the tile at xs[64 k ..]; half
@@ -40,7 +48,7 @@ struct Params {
     groups: u32, // scale groups per row
     row0: u32,   // index in y of the chunk's first row
     tiles: u32,  // row tiles of 32 in this chunk
-    _pad0: u32,
+    cols: u32,   // columns of W (the width of x' before padding)
     _pad1: u32,
     _pad2: u32,
 }
@@ -49,6 +57,8 @@ override SLICES: u32 = 8u;
 override TILE_BLOCKS: u32 = 64u;
 override GROUP_BLOCKS: u32 = 2u;
 override RESIDUAL: u32 = 0u;
+override PROLOGUE: u32 = 0u;
+override EPS: f32 = 1e-5;
 const LANES: u32 = 32u;
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -59,6 +69,7 @@ const LANES: u32 = 32u;
 @group(0) @binding(5) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
 @group(0) @binding(7) var<storage, read> res: array<f32>;
+@group(0) @binding(8) var<storage, read> norm: array<vec4<f32>>;
 
 var<workgroup> xs: array<f32, TILE_BLOCKS * 64u>;
 var<workgroup> partial: array<f32, LANES * SLICES>;
@@ -111,6 +122,48 @@ fn block_sum(m: vec2<u32>, c: vec4<u32>, kb: u32, ra: u32) -> f32 {
     return w.sa + w.sb;
 }
 
+// This thread's part of the sum of squares of x (PROLOGUE == 1).
+var<private> squares: f32 = 0.0;
+
+// Entries 4q .. 4q + 3 of x' (see the top).
+fn stage(q: u32) -> vec4<f32> {
+    if PROLOGUE == 1u {
+        let v = x[q];
+        squares += dot(v, v);
+        return v * norm[q];
+    }
+    if PROLOGUE == 2u {
+        if 4u * q >= params.cols {
+            return vec4<f32>(0.0);
+        }
+        let g = x[q];
+        return g / (vec4<f32>(1.0) + exp(-g)) * x[q + params.cols / 4u];
+    }
+    return x[q];
+}
+
+// 1 / sqrt(mean(x^2) + EPS) from every thread's `squares`, the same in every workgroup: lanes of the first
+// slice add their column of `partial`, then each sums the 32 columns in order. Uses `partial`; call
+// from uniform control flow.
+fn norm_factor(li: u32) -> f32 {
+    partial[li] = squares;
+    workgroupBarrier();
+    if li < LANES {
+        var s = 0.0;
+        for (var k = 0u; k < SLICES; k++) {
+            s += partial[k * LANES + li];
+        }
+        partial[li] = s;
+    }
+    workgroupBarrier();
+    var total = 0.0;
+    for (var l = 0u; l < LANES; l++) {
+        total += partial[l];
+    }
+    workgroupBarrier();
+    return inverseSqrt(total / f32(params.cols) + EPS);
+}
+
 fn scale(tile: u32, g: u32, lane: u32) -> f32 {
     let i = (tile * params.groups + g) * LANES + lane;
     return unpack2x16float(scales[i >> 1u])[i & 1u];
@@ -146,7 +199,7 @@ fn main(
         var r = rot(rec);
         workgroupBarrier();
         for (var i = li; i < nb * 16u; i += LANES * SLICES) {
-            let v = x[t0 * 16u + i];
+            let v = stage(t0 * 16u + i);
             xs[4u * i] = v.x;
             xs[4u * i + 1u] = v.y;
             xs[4u * i + 2u] = v.z;
@@ -167,6 +220,10 @@ fn main(
             r = r_next;
         }
     }
+    var factor = 1.0;
+    if PROLOGUE == 1u {
+        factor = norm_factor(li);
+    }
     partial[li] = acc;
     workgroupBarrier();
     let row = tile * LANES + lane;
@@ -175,6 +232,7 @@ fn main(
         for (var s = 0u; s < SLICES; s++) {
             sum += partial[s * LANES + lane];
         }
+        sum *= factor;
         let out = params.row0 + row;
         if RESIDUAL == 1u {
             sum += res[out];

@@ -10,6 +10,42 @@ use super::shader::Kernel;
 /// Words of workgroup memory spmv needs besides the x tile (the per-slice partial sums).
 const SPMV_PARTIAL_BYTES: u32 = 4 * 32 * 32;
 
+/// What a product does to its input while loading it (see wgsl/spmv.wgsl), in place of a launch
+/// before it.
+#[derive(Clone, Copy, Debug)]
+pub enum Prologue<'a> {
+    /// x as it is.
+    None,
+    /// RMSNorm of x with this weight (as long as x) and epsilon.
+    Norm { weight: &'a GpuVector, eps: f32 },
+    /// x is [gate | up], each as long as a row of W; the product takes silu(gate) * up.
+    SwiGlu,
+}
+
+impl Prologue<'_> {
+    /// Override value of spmv's PROLOGUE.
+    fn mode(&self) -> f64 {
+        match self {
+            Prologue::None => 0.0,
+            Prologue::Norm { .. } => 1.0,
+            Prologue::SwiGlu => 2.0,
+        }
+    }
+}
+
+impl GpuMatrix {
+    /// Whether [`Gpu::matvec_fused`] takes `prologue` with this matrix: the sparse codec, and for SwiGLU
+    /// rows of a multiple of 4 columns (the kernel finds `up` a whole vec4 index after `gate`).
+    pub fn takes(&self, prologue: &Prologue) -> bool {
+        match prologue {
+            Prologue::None => true,
+            _ if !matches!(self.layout, Layout::Sparse { .. }) => false,
+            Prologue::Norm { .. } => true,
+            Prologue::SwiGlu => self.cols.is_multiple_of(4),
+        }
+    }
+}
+
 impl Gpu {
     /// y = W x, or y = W x + r with `residual` (which may be y itself: y += W x). Any codec.
     pub fn matvec(
@@ -20,12 +56,47 @@ impl Gpu {
         y: &GpuVector,
         residual: Option<&GpuVector>,
     ) -> Result<()> {
-        if x.len != w.cols || y.len != w.rows {
+        self.matvec_fused(pass, w, x, y, residual, Prologue::None)
+    }
+
+    /// [`Gpu::matvec`] of x' = `prologue` applied to x, in the same launch (the sparse codec; see
+    /// [`GpuMatrix::takes`]).
+    pub fn matvec_fused(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        w: &GpuMatrix,
+        x: &GpuVector,
+        y: &GpuVector,
+        residual: Option<&GpuVector>,
+        prologue: Prologue,
+    ) -> Result<()> {
+        let x_len = match prologue {
+            Prologue::SwiGlu => 2 * w.cols,
+            _ => w.cols,
+        };
+        if x.len != x_len || y.len != w.rows {
             return Err(GpuError::Shape(format!(
-                "W is [{}, {}], x has {} entries and y {}",
+                "W is [{}, {}], x has {} entries (wanted {x_len}) and y {}",
                 w.rows, w.cols, x.len, y.len
             )));
         }
+        if !w.takes(&prologue) {
+            return Err(GpuError::Shape(format!(
+                "{prologue:?} prologue in a product with a {:?} matrix of {} columns (the sparse codec takes one; SwiGLU needs a multiple of 4 columns)",
+                w.codec,
+                w.cols
+            )));
+        }
+        let norm = match prologue {
+            Prologue::Norm { weight, .. } if weight.len != w.cols => {
+                return Err(GpuError::Shape(format!(
+                    "norm weight of {} entries for a matrix of {} columns",
+                    weight.len, w.cols
+                )))
+            }
+            Prologue::Norm { weight, .. } => &weight.buffer,
+            _ => &self.dummy,
+        };
         if x.buffer == y.buffer {
             return Err(GpuError::Shape("x and y must be different vectors".into()));
         }
@@ -60,6 +131,7 @@ impl Gpu {
                             ("RESIDUAL", mode),
                             ("SLICES", slices as f64),
                             ("TILE_BLOCKS", tile_blocks as f64),
+                            ("PROLOGUE", prologue.mode()),
                         ],
                         tiles,
                     )
@@ -88,10 +160,16 @@ impl Gpu {
                     }
                 }
             }
+            if let Prologue::Norm { eps, .. } = prologue {
+                constants.push(("EPS", eps as f64));
+            }
             let (pipeline, layout) = self.pipeline(kernel, &constants)?;
             let mut buffers: Vec<&wgpu::Buffer> = vec![&c.params];
             buffers.extend(&c.planes);
             buffers.extend([&x.buffer, &y.buffer, res]);
+            if kernel == Kernel::Spmv {
+                buffers.push(norm);
+            }
             let bind = self.bind(&layout, &buffers)?;
             let (gx, gy) = self.grid(groups as u64)?;
             pass.set_pipeline(&pipeline);

@@ -251,7 +251,7 @@ impl Gpu {
                         ng as u32,
                         row0 as u32,
                         tiles,
-                        0,
+                        cols as u32,
                         0,
                         0,
                     ])?;

@@ -25,6 +25,7 @@ mod transformer;
 pub use buffers::GpuVector;
 pub use context::{AdapterSummary, Features, Gpu, GpuOptions, LimitOverrides, Limits};
 pub use error::{GpuError, Result};
+pub use kernels::Prologue;
 pub use matrix::{DenseKind, GpuMatrix};
 pub use transformer::AttentionDims;
 

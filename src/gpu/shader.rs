@@ -18,6 +18,7 @@ pub enum Kernel {
     GemvQ4,
     Rmsnorm,
     Rope,
+    RopeKv,
     KvStore,
     Attention,
     SiluMul,
@@ -66,7 +67,7 @@ impl Variant {
 use Binding::{Read, ReadWrite, Uniform};
 
 impl Kernel {
-    pub const ALL: [Kernel; 14] = [
+    pub const ALL: [Kernel; 15] = [
         Kernel::Copy,
         Kernel::Spmv,
         Kernel::Decompress,
@@ -75,6 +76,7 @@ impl Kernel {
         Kernel::GemvQ4,
         Kernel::Rmsnorm,
         Kernel::Rope,
+        Kernel::RopeKv,
         Kernel::KvStore,
         Kernel::Attention,
         Kernel::SiluMul,
@@ -101,6 +103,7 @@ impl Kernel {
             Kernel::GemvQ4 => "gemv_q4.wgsl",
             Kernel::Rmsnorm => "rmsnorm.wgsl",
             Kernel::Rope => "rope.wgsl",
+            Kernel::RopeKv => "rope_kv.wgsl",
             Kernel::KvStore => "kv_store.wgsl",
             Kernel::Attention => "attention.wgsl",
             Kernel::SiluMul => "silu_mul.wgsl",
@@ -121,6 +124,7 @@ impl Kernel {
             Kernel::GemvQ4 => include_str!("../../wgsl/gemv_q4.wgsl"),
             Kernel::Rmsnorm => include_str!("../../wgsl/rmsnorm.wgsl"),
             Kernel::Rope => include_str!("../../wgsl/rope.wgsl"),
+            Kernel::RopeKv => include_str!("../../wgsl/rope_kv.wgsl"),
             Kernel::KvStore => include_str!("../../wgsl/kv_store.wgsl"),
             Kernel::Attention => include_str!("../../wgsl/attention.wgsl"),
             Kernel::SiluMul => include_str!("../../wgsl/silu_mul.wgsl"),
@@ -134,12 +138,13 @@ impl Kernel {
     pub fn bindings(self) -> &'static [Binding] {
         match self {
             Kernel::Copy => &[Uniform, Read, ReadWrite],
-            Kernel::Spmv => &[Uniform, Read, Read, Read, Read, Read, ReadWrite, Read],
+            Kernel::Spmv => &[Uniform, Read, Read, Read, Read, Read, ReadWrite, Read, Read],
             Kernel::Decompress => &[Uniform, Read, Read, Read, Read, ReadWrite],
             Kernel::GemvF16 | Kernel::GemvF32 => &[Uniform, Read, Read, ReadWrite, Read],
             Kernel::GemvQ4 => &[Uniform, Read, Read, Read, ReadWrite, Read],
             Kernel::Rmsnorm => &[Uniform, Read, Read, ReadWrite],
             Kernel::Rope => &[Uniform, ReadWrite, Read, Read, Read],
+            Kernel::RopeKv => &[Uniform, ReadWrite, Read, Read, ReadWrite, ReadWrite, Read],
             Kernel::KvStore => &[Uniform, Read, ReadWrite, ReadWrite, Read],
             Kernel::Attention => &[Uniform, Read, Read, Read, ReadWrite, Read],
             Kernel::SiluMul => &[Uniform, Read, ReadWrite],

@@ -118,6 +118,56 @@ impl Gpu {
         self.launch(pass, Kernel::Rope, &[], &p, &[qkv, cos, sin, step], groups)
     }
 
+    /// Whether [`Gpu::rope_kv`] takes these dimensions: even head_dim and even `half` (each thread
+    /// writes whole f16 pairs of the cache, including its rotation partner's).
+    pub fn rope_kv_fits(dims: &AttentionDims, half: usize) -> bool {
+        dims.head_dim.is_multiple_of(2) && half.is_multiple_of(2) && 2 * half <= dims.head_dim
+    }
+
+    /// [`Gpu::rope`] then [`Gpu::kv_store`] in one launch (wgsl/rope_kv.wgsl); see
+    /// [`Gpu::rope_kv_fits`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_kv(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        qkv: &wgpu::Buffer,
+        cos: &wgpu::Buffer,
+        sin: &wgpu::Buffer,
+        k_cache: &wgpu::Buffer,
+        v_cache: &wgpu::Buffer,
+        step: &wgpu::Buffer,
+        dims: &AttentionDims,
+        half: usize,
+        n: usize,
+    ) -> Result<()> {
+        if !Self::rope_kv_fits(dims, half) {
+            return Err(GpuError::Shape(format!(
+                "rope_kv.wgsl takes an even head_dim and rotary half, not {} and {half}",
+                dims.head_dim
+            )));
+        }
+        let p = [
+            word(dims.heads)?,
+            word(dims.kv_heads)?,
+            word(dims.head_dim)?,
+            word(half)?,
+            word(dims.qkv_dim())?,
+            word(n)?,
+            0,
+            0,
+        ];
+        let groups = (n * dims.qkv_dim() / 2).div_ceil(64);
+        let c = [("KV_F16", dims.kv_f16 as u32 as f64)];
+        self.launch(
+            pass,
+            Kernel::RopeKv,
+            &c,
+            &p,
+            &[qkv, cos, sin, k_cache, v_cache, step],
+            groups,
+        )
+    }
+
     /// Copies the k and v parts of n qkv rows into cache rows step[0]..step[0] + n.
     #[allow(clippy::too_many_arguments)]
     pub fn kv_store(

@@ -181,6 +181,58 @@ pub trait Backend {
         len: usize,
     );
 
+    /// y[t] = W rmsnorm(x[t]) (`weight`, `eps`, rows of `width`): the norm fused into the product where
+    /// the backend can (one launch instead of two); otherwise the normed rows go through `normed`
+    /// ([n, width] scratch, undefined afterwards).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_norm(
+        &mut self,
+        w: &Self::Matrix,
+        x: &Self::Buffer,
+        weight: &Self::Buffer,
+        eps: f32,
+        normed: &mut Self::Buffer,
+        y: &mut Self::Buffer,
+        n: usize,
+        width: usize,
+    ) {
+        self.rmsnorm(x, weight, eps, normed, n, width);
+        self.matmul(w, normed, y, n);
+    }
+
+    /// y[t] += W (silu(gate) * up) for gate_up rows [gate | up] of 2 `width`: [`Self::silu_mul`] fused
+    /// into the product (and its residual add) where the backend can; otherwise through `mlp` ([n,
+    /// width] scratch, undefined afterwards).
+    fn matmul_swiglu_add(
+        &mut self,
+        w: &Self::Matrix,
+        gate_up: &Self::Buffer,
+        mlp: &mut Self::Buffer,
+        y: &mut Self::Buffer,
+        width: usize,
+        n: usize,
+    ) {
+        self.silu_mul(gate_up, mlp, width, n);
+        self.matmul_add(w, mlp, y, n);
+    }
+
+    /// [`Self::rope`] then [`Self::store_kv`], in one launch where the backend can.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_store_kv(
+        &mut self,
+        qkv: &mut Self::Buffer,
+        cos: &Self::Buffer,
+        sin: &Self::Buffer,
+        k_cache: &mut Self::Buffer,
+        v_cache: &mut Self::Buffer,
+        shape: &AttentionShape,
+        start: usize,
+        n: usize,
+    ) {
+        self.rope(qkv, cos, sin, shape, start, n);
+        self.store_kv(qkv, k_cache, v_cache, shape, start, n);
+    }
+
     /// Ends the pass: the token `sampler` picks from logits[..vocab] after the tokens in `history`.
     fn sample(
         &mut self,

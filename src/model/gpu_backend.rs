@@ -10,7 +10,7 @@ use super::error::{ModelError, Result};
 use super::gpu_profile::Profiler;
 use super::sampler::Sampler;
 use crate::format::Tensor;
-use crate::gpu::{AttentionDims, Gpu, GpuError, GpuMatrix, GpuVector};
+use crate::gpu::{AttentionDims, Gpu, GpuError, GpuMatrix, GpuVector, Prologue};
 
 pub struct GpuBackend {
     gpu: Gpu,
@@ -384,6 +384,82 @@ impl Backend for GpuBackend {
                     &dims,
                     n,
                 )
+            },
+        );
+    }
+
+    fn matmul_norm(
+        &mut self,
+        w: &GpuMatrix,
+        x: &GpuVector,
+        weight: &GpuVector,
+        eps: f32,
+        normed: &mut GpuVector,
+        y: &mut GpuVector,
+        n: usize,
+        width: usize,
+    ) {
+        let prologue = Prologue::Norm { weight, eps };
+        if n != 1 || !w.takes(&prologue) {
+            self.rmsnorm(x, weight, eps, normed, n, width);
+            return self.matmul(w, normed, y, n);
+        }
+        self.record(
+            || product_label("norm+matmul", w),
+            |gpu, pass| {
+                let prologue = Prologue::Norm { weight, eps };
+                let (x, y) = (view(x, w.cols), view(y, w.rows));
+                gpu.matvec_fused(pass, w, &x, &y, None, prologue)
+            },
+        );
+    }
+
+    fn matmul_swiglu_add(
+        &mut self,
+        w: &GpuMatrix,
+        gate_up: &GpuVector,
+        mlp: &mut GpuVector,
+        y: &mut GpuVector,
+        width: usize,
+        n: usize,
+    ) {
+        if n != 1 || width != w.cols || !w.takes(&Prologue::SwiGlu) {
+            self.silu_mul(gate_up, mlp, width, n);
+            return self.matmul_add(w, mlp, y, n);
+        }
+        self.record(
+            || product_label("swiglu+matmul+add", w),
+            |gpu, pass| {
+                let (x, y) = (view(gate_up, 2 * w.cols), view(y, w.rows));
+                gpu.matvec_fused(pass, w, &x, &y, Some(&y), Prologue::SwiGlu)
+            },
+        );
+    }
+
+    fn rope_store_kv(
+        &mut self,
+        qkv: &mut GpuVector,
+        cos: &GpuVector,
+        sin: &GpuVector,
+        k: &mut GpuVector,
+        v: &mut GpuVector,
+        s: &AttentionShape,
+        start: usize,
+        n: usize,
+    ) {
+        let dims = self.dims(s);
+        let half = s.rotary_dim / 2;
+        if !Gpu::rope_kv_fits(&dims, half) {
+            self.rope(qkv, cos, sin, s, start, n);
+            return self.store_kv(qkv, k, v, s, start, n);
+        }
+        self.set_start(start);
+        let step = self.step.clone();
+        self.record(
+            || "rope+kv_store".into(),
+            |gpu, pass| {
+                let (q, c, si) = (&qkv.buffer, &cos.buffer, &sin.buffer);
+                gpu.rope_kv(pass, q, c, si, &k.buffer, &v.buffer, &step, &dims, half, n)
             },
         );
     }

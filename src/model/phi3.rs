@@ -2,7 +2,8 @@
 //!
 //! Per token: embedding row; per layer RMSNorm, fused qkv projection, RoPE on q and k, K/V appended to the
 //! cache, grouped-query attention, o_proj and residual, RMSNorm, fused gate_up projection, SiLU(gate) * up,
-//! down projection and residual; final RMSNorm and lm_head. A prompt runs as a batch of positions
+//! down projection and residual; final RMSNorm and lm_head. The backend may run each norm inside the
+//! product after it, SiLU * up inside down's, and RoPE with the K/V append (6 launches a layer on the GPU). A prompt runs as a batch of positions
 //! (prefill), generation one position at a time, both through the same [`Phi3::pass`].
 
 use std::time::{Duration, Instant};
@@ -34,14 +35,14 @@ struct Activations<Buf> {
     rows: usize,
     /// Residual stream [rows, hidden].
     x: Buf,
-    /// Normed input of a block [rows, hidden] (the blocks' outputs are added into `x` by their last
-    /// product).
+    /// Normed input of a block [rows, hidden], where the backend does not norm inside the product (the
+    /// blocks' outputs are added into `x` by their last product).
     xb: Buf,
     qkv: Buf,
     /// Attention output [rows, q_dim].
     att: Buf,
     gate_up: Buf,
-    /// SiLU(gate) * up [rows, intermediate].
+    /// SiLU(gate) * up [rows, intermediate], where the backend does not fuse it into down.
     mlp: Buf,
     /// The last position's normed hidden state, when only its logits are wanted [hidden].
     last: Buf,
@@ -266,18 +267,13 @@ impl<B: Backend> Phi3<B> {
 
         b.embed(&w.embed, tokens, &mut a.x);
         for (l, layer) in w.layers.iter().enumerate() {
-            // Attention block.
-            b.rmsnorm(&a.x, &layer.attn_norm, eps, &mut a.xb, n, hidden);
-            b.matmul(&layer.qkv, &a.xb, &mut a.qkv, n);
-            b.rope(&mut a.qkv, cos, sin, s, start, n);
-            b.store_kv(
-                &a.qkv,
-                &mut self.cache.k[l],
-                &mut self.cache.v[l],
-                s,
-                start,
-                n,
+            let (k, v) = (&mut self.cache.k[l], &mut self.cache.v[l]);
+            // Attention block: RMSNorm inside the qkv projection, RoPE together with the K/V append.
+            let norm = &layer.attn_norm;
+            b.matmul_norm(
+                &layer.qkv, &a.x, norm, eps, &mut a.xb, &mut a.qkv, n, hidden,
             );
+            b.rope_store_kv(&mut a.qkv, cos, sin, k, v, s, start, n);
             b.attention(
                 &a.qkv,
                 &self.cache.k[l],
@@ -289,23 +285,55 @@ impl<B: Backend> Phi3<B> {
             );
             b.matmul_add(&layer.o, &a.att, &mut a.x, n);
 
-            // MLP block.
-            b.rmsnorm(&a.x, &layer.mlp_norm, eps, &mut a.xb, n, hidden);
-            b.matmul(&layer.gate_up, &a.xb, &mut a.gate_up, n);
-            b.silu_mul(&a.gate_up, &mut a.mlp, inter, n);
-            b.matmul_add(&layer.down, &a.mlp, &mut a.x, n);
+            // MLP block: RMSNorm inside the gate_up projection, SiLU(gate) * up inside down's.
+            let norm = &layer.mlp_norm;
+            b.matmul_norm(
+                &layer.gate_up,
+                &a.x,
+                norm,
+                eps,
+                &mut a.xb,
+                &mut a.gate_up,
+                n,
+                hidden,
+            );
+            b.matmul_swiglu_add(&layer.down, &a.gate_up, &mut a.mlp, &mut a.x, inter, n);
         }
 
         match want {
             Logits::None => {}
             Logits::Last => {
-                b.copy(&a.x, (n - 1) * hidden, &mut a.xb, 0, hidden);
-                b.rmsnorm(&a.xb, &w.final_norm, eps, &mut a.last, 1, hidden);
-                b.matmul(w.lm_head(), &a.last, &mut a.logits, 1);
+                // The last row is x itself when there is one.
+                let last = if n == 1 {
+                    &a.x
+                } else {
+                    b.copy(&a.x, (n - 1) * hidden, &mut a.xb, 0, hidden);
+                    &a.xb
+                };
+                let norm = &w.final_norm;
+                b.matmul_norm(
+                    w.lm_head(),
+                    last,
+                    norm,
+                    eps,
+                    &mut a.last,
+                    &mut a.logits,
+                    1,
+                    hidden,
+                );
             }
             Logits::All => {
-                b.rmsnorm(&a.x, &w.final_norm, eps, &mut a.xb, n, hidden);
-                b.matmul(w.lm_head(), &a.xb, &mut a.logits, n);
+                let norm = &w.final_norm;
+                b.matmul_norm(
+                    w.lm_head(),
+                    &a.x,
+                    norm,
+                    eps,
+                    &mut a.xb,
+                    &mut a.logits,
+                    n,
+                    hidden,
+                );
             }
         }
     }
