@@ -295,6 +295,158 @@ fn check_elementwise<B: Backend>(b: &mut B, rng: &mut Rng) {
     }
 }
 
+/// The fused ops (norm inside a product, SiLU * up inside a product with its residual, RoPE with the
+/// K/V append) against f64 compositions of their parts. Widths that the GPU cannot fuse (a SwiGLU width
+/// not a multiple of 4, dense codecs, an odd rotary half) take the composed path and must agree too.
+fn check_fused<B: Backend>(b: &mut B, rng: &mut Rng) {
+    let eps = 1e-5f32;
+    for &(rows, cols, n) in &[
+        (37, 100, 1),
+        (70, 256, 1),
+        (33, 90, 1),
+        (40, 960, 1),
+        (9, 64, 3),
+    ] {
+        if n > b.max_batch() {
+            continue;
+        }
+        for codec in [Codec::Sparse, Codec::Q4, Codec::F32] {
+            let w = rng.normal_vec(rows * cols, 0.1);
+            let t = encode(
+                &Dense::f32(rows, cols, &w).unwrap(),
+                codec,
+                &CodecPlan::exact(),
+            )
+            .unwrap();
+            let decoded = reference::decompress_f32(&t);
+            let m = b.matrix(t).unwrap();
+            // y = W x' (+ r) in f64, and sum |W x'| (+ |r|) per output.
+            let product = |xs: &[f64], r: &[f32]| {
+                let mut want = vec![0.0f64; n * rows];
+                let mut scale = vec![0.0f64; n * rows];
+                for tt in 0..n {
+                    for row in 0..rows {
+                        let o = tt * rows + row;
+                        want[o] = r.get(o).map_or(0.0, |&v| v as f64);
+                        scale[o] = want[o].abs();
+                        for c in 0..cols {
+                            let p = decoded[row * cols + c] as f64 * xs[tt * cols + c];
+                            want[o] += p;
+                            scale[o] += p.abs();
+                        }
+                    }
+                }
+                (want, scale)
+            };
+
+            // matmul_norm: x' = g * x / sqrt(mean(x^2) + eps), row by row.
+            let x = rng.normal_vec(n * cols, 2.0);
+            let g: Vec<f32> = (0..cols).map(|_| rng.range(0.5, 1.5)).collect();
+            let xs: Vec<f64> = x
+                .chunks(cols)
+                .flat_map(|row| {
+                    let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / cols as f64;
+                    let inv = 1.0 / (ms + eps as f64).sqrt();
+                    row.iter()
+                        .zip(&g)
+                        .map(move |(&v, &g)| v as f64 * inv * g as f64)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let (want, scale) = product(&xs, &[]);
+            let (xb, gb) = (b.buffer(&x).unwrap(), b.buffer(&g).unwrap());
+            let mut normed = poisoned(b, n * cols);
+            let mut y = poisoned(b, n * rows);
+            b.matmul_norm(&m, &xb, &gb, eps, &mut normed, &mut y, n, cols);
+            // The products' rounding, the sum of squares' (relative, all terms positive) and the norm
+            // factor's few ulps.
+            close(
+                &format!("matmul_norm {codec:?} [{rows}, {cols}] x {n}"),
+                &b.read(&y, n * rows).unwrap(),
+                &want,
+                (2 * cols + 16) as f64 * f32::EPSILON as f64,
+                |i| scale[i],
+            );
+
+            // matmul_swiglu_add: y = r + W (silu(gate) * up), gate_up rows [gate | up].
+            let gu = rng.normal_vec(n * 2 * cols, 2.0);
+            let xs: Vec<f64> = gu
+                .chunks(2 * cols)
+                .flat_map(|row| {
+                    (0..cols).map(|i| {
+                        let g = row[i] as f64;
+                        g / (1.0 + (-g).exp()) * row[cols + i] as f64
+                    })
+                })
+                .collect();
+            let r = rng.normal_vec(n * rows, 1.0);
+            let (want, scale) = product(&xs, &r);
+            let gub = b.buffer(&gu).unwrap();
+            let mut mlp = poisoned(b, n * cols);
+            let mut y = b.buffer(&r).unwrap();
+            b.matmul_swiglu_add(&m, &gub, &mut mlp, &mut y, cols, n);
+            // The products' rounding and a few ulps of exp in each x'.
+            close(
+                &format!("matmul_swiglu_add {codec:?} [{rows}, {cols}] x {n}"),
+                &b.read(&y, n * rows).unwrap(),
+                &want,
+                (cols + 64) as f64 * f32::EPSILON as f64,
+                |i| scale[i],
+            );
+        }
+    }
+
+    // rope_store_kv: rope (as check_rope computes it) then the rotated k and the v into the caches.
+    for rotary_dim in [12, 10, 16] {
+        let s = AttentionShape {
+            rotary_dim,
+            ..attention_shape(None)
+        };
+        let (start, n, half) = (5, 3.min(b.max_batch()), rotary_dim / 2);
+        let (kvd, qd) = (s.kv_dim(), s.q_dim());
+        let cos: Vec<f32> = (0..s.ctx * half).map(|_| rng.range(-1.0, 1.0)).collect();
+        let sin: Vec<f32> = (0..s.ctx * half).map(|_| rng.range(-1.0, 1.0)).collect();
+        let qkv = rng.normal_vec(n * s.qkv_dim(), 1.0);
+        let mut want: Vec<f64> = qkv.iter().map(|&v| v as f64).collect();
+        for t in 0..n {
+            for h in 0..s.heads + s.kv_heads {
+                let base = t * s.qkv_dim() + h * s.head_dim;
+                for i in 0..half {
+                    let tab = (start + t) * half + i;
+                    let (c, sn) = (cos[tab] as f64, sin[tab] as f64);
+                    let (a, bb) = (qkv[base + i] as f64, qkv[base + i + half] as f64);
+                    want[base + i] = a * c - bb * sn;
+                    want[base + i + half] = bb * c + a * sn;
+                }
+            }
+        }
+        let k0 = rng.normal_vec(s.ctx * kvd, 1.0);
+        let v0 = rng.normal_vec(s.ctx * kvd, 1.0);
+        let mut want_k: Vec<f64> = k0.iter().map(|&v| v as f64).collect();
+        let mut want_v: Vec<f64> = v0.iter().map(|&v| v as f64).collect();
+        for t in 0..n {
+            let row = &want[t * s.qkv_dim()..];
+            want_k[(start + t) * kvd..][..kvd].copy_from_slice(&row[qd..][..kvd]);
+            want_v[(start + t) * kvd..][..kvd].copy_from_slice(&row[qd + kvd..][..kvd]);
+        }
+        let (cb, sb) = (b.buffer(&cos).unwrap(), b.buffer(&sin).unwrap());
+        let (mut kb, mut vb) = (b.buffer(&k0).unwrap(), b.buffer(&v0).unwrap());
+        let mut qkvb = b.buffer(&qkv).unwrap();
+        b.rope_store_kv(&mut qkvb, &cb, &sb, &mut kb, &mut vb, &s, start, n);
+        let what = format!("rope_store_kv rotary_dim {rotary_dim}");
+        let got = b.read(&qkvb, qkv.len()).unwrap();
+        close(&format!("{what}: qkv"), &got, &want, 1e-6, |i| {
+            want[i].abs() + 1.0
+        });
+        let got = b.read(&kb, k0.len()).unwrap();
+        close(&format!("{what}: k"), &got, &want_k, 1e-6, |i| {
+            want_k[i].abs() + 1.0
+        });
+        let got = b.read(&vb, v0.len()).unwrap();
+        close(&format!("{what}: v"), &got, &want_v, 0.0, |_| 1.0);
+    }
+}
+
 #[test]
 fn cpu_ops_match_f64() {
     let mut rng = Rng::new(test_seed("cpu_ops_match_f64"));
@@ -304,6 +456,7 @@ fn cpu_ops_match_f64() {
     check_rope(&mut cpu, &mut rng);
     check_kv_and_attention(&mut cpu, &mut rng);
     check_elementwise(&mut cpu, &mut rng);
+    check_fused(&mut cpu, &mut rng);
 }
 
 #[test]
@@ -319,6 +472,22 @@ fn gpu_ops_match_f64() {
     check_rope(&mut b, &mut rng);
     check_kv_and_attention(&mut b, &mut rng);
     check_elementwise(&mut b, &mut rng);
+    check_fused(&mut b, &mut rng);
+}
+
+#[test]
+fn gpu_fused_ops_match_f64_over_x_tiles_and_slices() {
+    // x staged 2 blocks at a time by 4 slices: the norm's sum of squares spans several x tiles.
+    let opts = upg::gpu::GpuOptions {
+        spmv_overrides: vec![("TILE_BLOCKS".into(), 2.0), ("SLICES".into(), 4.0)],
+        ..upg::gpu::GpuOptions::default()
+    };
+    let Some(gpu) = upg::gpu::gpu_or_skip(opts) else {
+        return;
+    };
+    let mut rng = Rng::new(test_seed("gpu_fused_ops_match_f64_over_x_tiles_and_slices"));
+    let mut b = upg::model::GpuBackend::new(gpu, false).unwrap();
+    check_fused(&mut b, &mut rng);
 }
 
 #[test]
