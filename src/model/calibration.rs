@@ -4,7 +4,8 @@
 //! every op to [`Cpu`] and, in `matmul`, adds the squares of each input column to that matrix's running
 //! sums. So the forward pass stays the one in [`super::phi3`]: the inputs recorded are exactly what the
 //! linear layers see there (qkv and gate_up: the RMS-normed hidden state; o_proj: the attention output;
-//! down: SiLU(gate) * up).
+//! down: SiLU(gate) * up). The fused ops (`matmul_norm`, `matmul_swiglu_add`) keep the trait's
+//! composed defaults here, so their products' inputs are recorded normed and SiLU'd like the rest.
 
 use std::collections::HashMap;
 
