@@ -30,6 +30,9 @@ pub struct GpuBackend {
     /// Host time spent recording the ops of the current pass, and of the last finished one.
     recording_time: std::time::Duration,
     last_recording_time: std::time::Duration,
+    /// Host time from the end of the last pass's recording to its read-back: wgpu's encoding of the
+    /// pass, the submission, the GPU's run and the copy back.
+    last_finish_time: std::time::Duration,
     /// Bytes of the device buffers this backend made (weights, activations, caches).
     device_bytes: u64,
     /// Per-op timestamps (`UPG_PROFILE=1`); `None` records the passes without any.
@@ -59,6 +62,7 @@ impl GpuBackend {
             last_ops: 0,
             recording_time: std::time::Duration::ZERO,
             last_recording_time: std::time::Duration::ZERO,
+            last_finish_time: std::time::Duration::ZERO,
             device_bytes: 0,
             profile,
         })
@@ -166,7 +170,9 @@ impl GpuBackend {
             .profile
             .as_mut()
             .is_some_and(|p| p.resolve(&mut encoder));
+        let started = std::time::Instant::now();
         let out = self.gpu.submit_and_read(encoder, buf, 0, bytes)?;
+        self.last_finish_time = started.elapsed();
         if let (true, Some(p)) = (timed, self.profile.as_mut()) {
             p.collect(&self.gpu)?;
         }
@@ -225,10 +231,12 @@ impl Backend for GpuBackend {
 
     fn stats(&self) -> String {
         let mut s = format!(
-            "{:.1} MB of device buffers, {} ops in the last pass (one submission), recorded in {:.2} ms",
+            "{:.1} MB of device buffers, {} ops in the last pass (one submission), recorded in {:.2} ms, \
+             then encoded, run and read back in {:.2} ms",
             self.device_bytes as f64 / 1e6,
             self.last_ops,
-            self.last_recording_time.as_secs_f64() * 1e3
+            self.last_recording_time.as_secs_f64() * 1e3,
+            self.last_finish_time.as_secs_f64() * 1e3
         );
         if let Some(p) = &self.profile {
             s += "\n";
