@@ -477,9 +477,14 @@ fn gpu_ops_match_f64() {
 
 #[test]
 fn gpu_fused_ops_match_f64_over_x_tiles_and_slices() {
-    // x staged 2 blocks at a time by 4 slices: the norm's sum of squares spans several x tiles.
+    // x staged 2 blocks at a time by 4 slices: the norm's sum of squares spans several x tiles; 8 KiB
+    // bindings split the larger matrices into row chunks, each its own launch with its own norm factor.
     let opts = upg::gpu::GpuOptions {
         spmv_overrides: vec![("TILE_BLOCKS".into(), 2.0), ("SLICES".into(), 4.0)],
+        limits: upg::gpu::LimitOverrides {
+            max_binding_bytes: Some(8192),
+            ..Default::default()
+        },
         ..upg::gpu::GpuOptions::default()
     };
     let Some(gpu) = upg::gpu::gpu_or_skip(opts) else {
