@@ -295,6 +295,38 @@ fn check_elementwise<B: Backend>(b: &mut B, rng: &mut Rng) {
     }
 }
 
+/// Greedy sampling: the first index of the largest value, NaN skipped, over lengths around the GPU
+/// kernel's unrolled scan (256 threads x 16 values) and with the maximum repeated.
+fn check_greedy<B: Backend>(b: &mut B, rng: &mut Rng) {
+    for len in [1, 255, 4096, 4097, 9000, 100_352] {
+        let mut logits = rng.normal_vec(len, 3.0);
+        for _ in 0..len / 100 {
+            let i = rng.below(len);
+            logits[i] = f32::NAN;
+        }
+        // The maximum three times, twice in one GPU thread's slice: the lowest index must win.
+        let a = rng.below(len);
+        for i in [a, (a + 256 * (1 + rng.below(20))) % len, rng.below(len)] {
+            logits[i] = 50.0;
+        }
+        let want = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| !v.is_nan())
+            .fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| {
+                if v > best.1 {
+                    (i, v)
+                } else {
+                    best
+                }
+            })
+            .0;
+        let buf = b.buffer(&logits).unwrap();
+        let got = b.sample(&buf, len, &mut Sampler::greedy(), &[]).unwrap();
+        assert_eq!(got as usize, want, "greedy over {len} logits");
+    }
+}
+
 /// The fused ops (norm inside a product, SiLU * up inside a product with its residual, RoPE with the
 /// K/V append) against f64 compositions of their parts. Widths that the GPU cannot fuse (a SwiGLU width
 /// not a multiple of 4, dense codecs, an odd rotary half) take the composed path and must agree too.
@@ -456,6 +488,7 @@ fn cpu_ops_match_f64() {
     check_rope(&mut cpu, &mut rng);
     check_kv_and_attention(&mut cpu, &mut rng);
     check_elementwise(&mut cpu, &mut rng);
+    check_greedy(&mut cpu, &mut rng);
     check_fused(&mut cpu, &mut rng);
 }
 
@@ -472,6 +505,7 @@ fn gpu_ops_match_f64() {
     check_rope(&mut b, &mut rng);
     check_kv_and_attention(&mut b, &mut rng);
     check_elementwise(&mut b, &mut rng);
+    check_greedy(&mut b, &mut rng);
     check_fused(&mut b, &mut rng);
 }
 
