@@ -42,20 +42,23 @@ const TEAM: u32 = 32u;
 var<workgroup> partial: array<f32, 256>;
 
 // sum over the 8 columns of word `q` (columns 8 k .. 8 k + 7 of the row) of (2 code - 15) x; codes j and
-// j + 4 are unpacked together as f16 1024 + 2c (exact), as in spmv.wgsl.
+// j + 4 are unpacked together as f16 1024 + 2c (exact), as in spmv.wgsl. Written out rather than looped
+// over a local array: a dynamically indexed array may live in (slow) local memory.
 fn word_dot(q: u32, k: u32) -> f32 {
     let a = x[2u * k];
     let b = x[2u * k + 1u];
-    let lo = array<f32, 4>(a.x, a.y, a.z, a.w);
-    let hi = array<f32, 4>(b.x, b.y, b.z, b.w);
-    var s = 0.0;
-    for (var j = 0u; j < 4u; j++) {
-        let h = (((q >> (4u * j)) << 1u) & 0x001E001Eu) | 0x64006400u;
-        let v = unpack2x16float(h) - vec2<f32>(1039.0);
-        s = fma(v.x, lo[j], s);
-        s = fma(v.y, hi[j], s);
-    }
-    return s;
+    let v0 = levels(q, 0u);
+    let v1 = levels(q, 1u);
+    let v2 = levels(q, 2u);
+    let v3 = levels(q, 3u);
+    return dot(v0, vec2<f32>(a.x, b.x)) + dot(v1, vec2<f32>(a.y, b.y)) + dot(v2, vec2<f32>(a.z, b.z))
+        + dot(v3, vec2<f32>(a.w, b.w));
+}
+
+// The levels 2c - 15 of codes j and j + 4 of word q.
+fn levels(q: u32, j: u32) -> vec2<f32> {
+    let h = (((q >> (4u * j)) << 1u) & 0x001E001Eu) | 0x64006400u;
+    return unpack2x16float(h) - vec2<f32>(1039.0);
 }
 
 fn chunk_dot(row: u32, k: u32) -> f32 {
@@ -82,13 +85,20 @@ fn main(
     }
     let lane = li % TEAM;
     let i = group * 8u + li / TEAM;
-    var acc = 0.0;
+    var acc0 = 0.0;
+    var acc1 = 0.0;
     if i < params.rows {
-        for (var k = lane; k < params.n32; k += TEAM) {
-            acc += chunk_dot(i, k);
+        // Two chunks per step, so two code loads are in flight per lane.
+        var k = lane;
+        for (; k + TEAM < params.n32; k += 2u * TEAM) {
+            acc0 += chunk_dot(i, k);
+            acc1 += chunk_dot(i, k + TEAM);
+        }
+        if k < params.n32 {
+            acc0 += chunk_dot(i, k);
         }
     }
-    var v = acc;
+    let v = acc0 + acc1;
 // #if subgroups
     team_store(v, li, i, sg_size);
 // #else
