@@ -40,6 +40,9 @@ fn word(v: usize) -> Result<u32> {
         .map_err(|_| GpuError::Shape(format!("{v} does not fit a 32-bit kernel parameter")))
 }
 
+/// Logits per workgroup of argmax.wgsl's first phase (its WG * PER).
+const ARGMAX_CHUNK: usize = 1024;
+
 impl Gpu {
     /// One dispatch of `kernel` over `groups` workgroups (2D when over the per-dimension limit).
     #[allow(clippy::too_many_arguments)]
@@ -297,17 +300,46 @@ impl Gpu {
         self.launch(pass, Kernel::Add, &[], &p, &[x, y], len.div_ceil(256))
     }
 
-    /// token[0] = argmax of logits[offset..offset + len] (lowest index on ties).
+    /// best[0] = argmax of logits[offset..offset + len] (lowest index on ties), in two launches; `best`
+    /// holds [`Gpu::argmax_words`] words (the per-chunk winners after the token).
     pub fn argmax(
         &self,
         pass: &mut wgpu::ComputePass<'_>,
         logits: &wgpu::Buffer,
         offset: usize,
         len: usize,
-        token: &wgpu::Buffer,
+        best: &wgpu::Buffer,
     ) -> Result<()> {
-        let p = [word(len)?, word(offset)?, 0, 0];
-        self.launch(pass, Kernel::Argmax, &[], &p, &[logits, token], 1)
+        let groups = len.div_ceil(ARGMAX_CHUNK);
+        if best.size() < 4 * Self::argmax_words(len) as u64 {
+            return Err(GpuError::Shape(format!(
+                "argmax over {len} values needs {} words of scratch, the buffer has {} bytes",
+                Self::argmax_words(len),
+                best.size()
+            )));
+        }
+        let p = [word(len)?, word(offset)?, word(groups)?, 0];
+        self.launch(
+            pass,
+            Kernel::Argmax,
+            &[("PHASE", 0.0)],
+            &p,
+            &[logits, best],
+            groups,
+        )?;
+        self.launch(
+            pass,
+            Kernel::Argmax,
+            &[("PHASE", 1.0)],
+            &p,
+            &[logits, best],
+            1,
+        )
+    }
+
+    /// Words of the `best` buffer that [`Gpu::argmax`] over `len` values needs.
+    pub fn argmax_words(len: usize) -> usize {
+        1 + 2 * len.div_ceil(ARGMAX_CHUNK).max(1)
     }
 
     /// out[out_offset..][..cols] = row `row` of a dense table (f32, f16 or q4), as f32.

@@ -528,6 +528,11 @@ impl Backend for GpuBackend {
         history: &[u32],
     ) -> Result<u32> {
         if sampler.is_greedy() && sampler.config.repeat_penalty == 1.0 {
+            let words = Gpu::argmax_words(vocab);
+            if self.token.size() < 4 * words as u64 {
+                // Sized on first use: the chunk winners of argmax's first launch follow the token id.
+                self.token = self.gpu.zeros(words)?.buffer;
+            }
             let token = self.token.clone();
             self.record(
                 || "argmax".into(),
