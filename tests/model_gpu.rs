@@ -115,3 +115,52 @@ fn gpu_sampling_with_a_seed_repeats() {
     }
     assert_eq!(runs[0], runs[1]);
 }
+
+/// Greedy decoding on the GPU runs one pass ahead of the tokens it reads back: a stop token, the last
+/// of max_tokens, and a second generate on the same cache must come out exactly as on the CPU, which
+/// decodes one token at a time.
+#[test]
+fn gpu_decoding_ahead_stops_and_continues_like_the_cpu() {
+    let r = reference(&fixture("phi3-tiny"));
+    let prompt = r["tokens"].ids();
+    let plan = CodecPlan::compressed();
+    let Some(mut gpu) = load_gpu("phi3-tiny", &plan, 64, true) else {
+        return;
+    };
+    let mut cpu = load_cpu("phi3-tiny", &plan, 64);
+    let greedy = &mut Sampler::greedy();
+    let all = cpu
+        .generate(&prompt, 10, greedy, &[], |_| {})
+        .unwrap()
+        .tokens;
+    cpu.reset();
+    // Stop at the 4th token (the first time it appears).
+    let stop = all[3];
+    let first = all.iter().position(|&t| t == stop).unwrap();
+    for (max, stop) in [(1, vec![]), (2, vec![]), (10, vec![stop])] {
+        let c = cpu.generate(&prompt, max, greedy, &stop, |_| {}).unwrap();
+        let mut streamed = Vec::new();
+        let g = gpu
+            .generate(&prompt, max, greedy, &stop, |t| streamed.push(t))
+            .unwrap();
+        println!(
+            "max {max}, stop {stop:?}: GPU {:?}, CPU {:?}",
+            g.tokens, c.tokens
+        );
+        assert_eq!(g.tokens, c.tokens, "max {max}, stop {stop:?}");
+        assert_eq!(streamed, g.tokens, "tokens streamed as produced");
+        assert_eq!(g.stopped, c.stopped);
+        if !stop.is_empty() {
+            assert_eq!(g.tokens.len(), first + 1, "ends at the stop token");
+        }
+        // The cache holds what the CPU's holds (a pass run ahead past the stop is forgotten), so
+        // generation continues from the same state.
+        assert_eq!(gpu.tokens(), cpu.tokens(), "cached tokens after max {max}");
+        let more = &prompt[..3];
+        let c2 = cpu.generate(more, 5, greedy, &[], |_| {}).unwrap();
+        let g2 = gpu.generate(more, 5, greedy, &[], |_| {}).unwrap();
+        assert_eq!(g2.tokens, c2.tokens, "continued after max {max}");
+        cpu.reset();
+        gpu.reset();
+    }
+}

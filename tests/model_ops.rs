@@ -509,6 +509,79 @@ fn gpu_ops_match_f64() {
     check_fused(&mut b, &mut rng);
 }
 
+/// Greedy picks queued on the device: the pass after one embeds the picked row without the host
+/// knowing it (every chunk of a split table launched, only the one holding the id writing), and the
+/// picks come back in order while a later pass is already submitted.
+#[test]
+fn gpu_queued_greedy_embeds_the_pick_on_the_device() {
+    // 1 KiB bindings split the 64-column q4 table (36 bytes a row) into chunks of a few rows.
+    let opts = upg::gpu::GpuOptions {
+        limits: upg::gpu::LimitOverrides {
+            max_binding_bytes: Some(1024),
+            ..Default::default()
+        },
+        ..upg::gpu::GpuOptions::default()
+    };
+    let Some(gpu) = upg::gpu::gpu_or_skip(opts) else {
+        return;
+    };
+    let mut rng = Rng::new(test_seed("gpu_queued_greedy_embeds_the_pick_on_the_device"));
+    let mut b = upg::model::GpuBackend::new(gpu, false).unwrap();
+    assert!(b.can_queue_greedy());
+    let (vocab, hidden) = (150, 64);
+    let table = encode(
+        &Dense::f32(vocab, hidden, &rng.normal_vec(vocab * hidden, 1.0)).unwrap(),
+        Codec::Q4,
+        &CodecPlan::exact(),
+    )
+    .unwrap();
+    let decoded = reference::decompress_f32(&table);
+    let m = b.matrix(table).unwrap();
+    assert!(
+        m.chunks() > 4,
+        "the table must be split: {} chunk(s)",
+        m.chunks()
+    );
+    let picks: Vec<usize> = (0..5).map(|_| rng.below(vocab)).collect();
+    let logits: Vec<_> = picks
+        .iter()
+        .map(|&p| {
+            let mut l = rng.normal_vec(vocab, 1.0);
+            l[p] = 10.0;
+            b.buffer(&l).unwrap()
+        })
+        .collect();
+    let mut rows = Vec::new();
+    for (i, l) in logits.iter().enumerate() {
+        if i > 0 {
+            let mut out = poisoned(&mut b, hidden);
+            b.embed_queued(&m, &mut out);
+            rows.push(out);
+        }
+        b.queue_greedy(l, vocab).unwrap();
+        if i > 0 {
+            // One pass in flight behind the one waited for.
+            assert_eq!(
+                b.wait_greedy().unwrap() as usize,
+                picks[i - 1],
+                "pick {}",
+                i - 1
+            );
+        }
+    }
+    assert_eq!(b.wait_greedy().unwrap() as usize, picks[4], "pick 4");
+    assert!(b.wait_greedy().is_err(), "nothing left to wait for");
+    for (i, out) in rows.iter().enumerate() {
+        let got = b.read(out, hidden).unwrap();
+        assert_eq!(
+            got,
+            &decoded[picks[i] * hidden..][..hidden],
+            "row embedded after pick {i} (token {})",
+            picks[i]
+        );
+    }
+}
+
 #[test]
 fn gpu_fused_ops_match_f64_over_x_tiles_and_slices() {
     // x staged 2 blocks at a time by 4 slices: the norm's sum of squares spans several x tiles; 8 KiB

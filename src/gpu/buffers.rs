@@ -143,16 +143,31 @@ impl Gpu {
             self.submit_and_wait(enc.finish())?;
             return Ok(Vec::new());
         }
-        let staging = self.scoped("allocating a read-back buffer", || {
-            self.device.create_buffer(&wgpu::BufferDescriptor {
+        let staging = self.readback_buffer(size)?;
+        enc.copy_buffer_to_buffer(buf, offset, &staging, 0, size);
+        let index = self.submit(enc.finish())?;
+        self.read_after(index, &staging)
+    }
+
+    /// A buffer the host can map for reading, the target of read-back copies.
+    pub(crate) fn readback_buffer(&self, size: u64) -> Result<wgpu::Buffer> {
+        self.scoped("allocating a read-back buffer", || {
+            self.device().create_buffer(&wgpu::BufferDescriptor {
                 label: Some("read-back"),
                 size,
                 usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             })
-        })?;
-        enc.copy_buffer_to_buffer(buf, offset, &staging, 0, size);
-        self.submit_and_wait(enc.finish())?;
+        })
+    }
+
+    /// Waits for submission `index`, which copied into `staging` (a [`Gpu::readback_buffer`]), and
+    /// returns the buffer's bytes. Later submissions may still be running.
+    pub(crate) fn read_after(
+        &self,
+        index: wgpu::SubmissionIndex,
+        staging: &wgpu::Buffer,
+    ) -> Result<Vec<u8>> {
         let (tx, rx) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
@@ -161,15 +176,28 @@ impl Gpu {
             what: "reading results back".into(),
             reason,
         };
-        self.device
-            .poll(wgpu::PollType::Wait {
-                submission_index: None,
-                timeout: None,
-            })
-            .map_err(|e| fail(e.to_string()))?;
-        rx.recv()
-            .map_err(|e| fail(e.to_string()))?
-            .map_err(|e| fail(e.to_string()))?;
+        let waited = self.device().poll(wgpu::PollType::Wait {
+            submission_index: Some(index),
+            timeout: None,
+        });
+        // A failed submission reports its cause through the uncaptured-error handler.
+        self.take_uncaptured("running kernels")?;
+        waited.map_err(|e| fail(e.to_string()))?;
+        let mapped = match rx.try_recv() {
+            Ok(r) => r,
+            // The mapping resolves at a poll after the copy's submission is done; if the wait above
+            // returned before handling it, one more poll does.
+            Err(_) => {
+                self.device()
+                    .poll(wgpu::PollType::Wait {
+                        submission_index: None,
+                        timeout: None,
+                    })
+                    .map_err(|e| fail(e.to_string()))?;
+                rx.recv().map_err(|e| fail(e.to_string()))?
+            }
+        };
+        mapped.map_err(|e| fail(e.to_string()))?;
         let data = staging
             .get_mapped_range(..)
             .map_err(|e| fail(e.to_string()))?

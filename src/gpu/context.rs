@@ -361,6 +361,13 @@ impl Gpu {
     }
 
     /// Submits and blocks until the GPU is done.
+    /// Submits `cmd` without waiting; errors of earlier work surface here.
+    pub(crate) fn submit(&self, cmd: wgpu::CommandBuffer) -> Result<wgpu::SubmissionIndex> {
+        let index = self.queue.submit([cmd]);
+        self.take_uncaptured("submitting kernels")?;
+        Ok(index)
+    }
+
     pub fn submit_and_wait(&self, cmd: wgpu::CommandBuffer) -> Result<()> {
         let index = self.queue.submit([cmd]);
         let waited = self.device.poll(wgpu::PollType::Wait {

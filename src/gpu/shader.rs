@@ -150,7 +150,7 @@ impl Kernel {
             Kernel::SiluMul => &[Uniform, Read, ReadWrite],
             Kernel::Add => &[Uniform, ReadWrite, Read],
             Kernel::Argmax => &[Uniform, Read, ReadWrite],
-            Kernel::Embed => &[Uniform, Read, Read, ReadWrite],
+            Kernel::Embed => &[Uniform, Read, Read, ReadWrite, Read],
         }
     }
 

@@ -364,7 +364,37 @@ impl Gpu {
         else {
             return Err(GpuError::Shape(format!("no chunk holds row {row}")));
         };
-        let local = word(row - chunk.row0)?;
+        self.embed_chunk(pass, table, chunk, row - chunk.row0, None, out, out_offset)
+    }
+
+    /// [`Gpu::embed`] of the row whose id is `token[0]` on the device (argmax's output), read by the
+    /// kernel: the pass that needs a sampled token can be submitted before the token is read back. An
+    /// id outside the table writes nothing.
+    pub fn embed_token(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        table: &GpuMatrix,
+        token: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        out_offset: usize,
+    ) -> Result<()> {
+        for chunk in &table.chunks {
+            self.embed_chunk(pass, table, chunk, 0, Some(token), out, out_offset)?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn embed_chunk(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        table: &GpuMatrix,
+        chunk: &super::matrix::Chunk,
+        local: usize,
+        token: Option<&wgpu::Buffer>,
+        out: &wgpu::Buffer,
+        out_offset: usize,
+    ) -> Result<()> {
         let cols = word(table.cols)?;
         let (codec, stride, scale_words, group) = match table.layout {
             Layout::F32 { stride } => (0, stride, 0, 1),
@@ -378,22 +408,25 @@ impl Gpu {
         };
         let scales = chunk.planes.get(1).unwrap_or(&self.dummy);
         let p = [
-            local,
+            word(local)?,
             cols,
             word(stride)?,
             word(scale_words)?,
             word(group)?,
             word(out_offset)?,
-            0,
-            0,
+            word(chunk.row0)?,
+            word(chunk.rows)?,
         ];
-        let c = [("CODEC", codec as f64)];
+        let c = [
+            ("CODEC", codec as f64),
+            ("FROM_TOKEN", token.is_some() as u32 as f64),
+        ];
         self.launch(
             pass,
             Kernel::Embed,
             &c,
             &p,
-            &[&chunk.planes[0], scales, out],
+            &[&chunk.planes[0], scales, out, token.unwrap_or(&self.dummy)],
             table.cols.div_ceil(256),
         )
     }

@@ -25,7 +25,7 @@
 //! `[ctx, kv_dim]` per layer, row = position.
 
 use super::config::Config;
-use super::error::Result;
+use super::error::{ModelError, Result};
 use super::sampler::Sampler;
 use crate::format::Tensor;
 
@@ -244,4 +244,32 @@ pub trait Backend {
 
     /// Ends the pass and reads buf[..len] back (tests, logit dumps).
     fn read(&mut self, buf: &Self::Buffer, len: usize) -> Result<Vec<f32>>;
+
+    /// Whether greedy decoding can run ahead: [`Self::queue_greedy`], [`Self::embed_queued`] and
+    /// [`Self::wait_greedy`] work, so the pass that feeds a token is recorded and submitted before that
+    /// token is read back, and the host's recording overlaps the GPU's run.
+    fn can_queue_greedy(&self) -> bool {
+        false
+    }
+
+    /// Ends the pass with the greedy token of logits[..vocab] picked on the device, and submits it
+    /// without waiting. The id stays on the device for [`Self::embed_queued`]; [`Self::wait_greedy`]
+    /// returns the queued ids in order.
+    fn queue_greedy(&mut self, _logits: &Self::Buffer, _vocab: usize) -> Result<()> {
+        Err(ModelError::Backend(format!(
+            "{}: no queued greedy decoding (check can_queue_greedy)",
+            self.name()
+        )))
+    }
+
+    /// out[0] = row of `table` of the token of the latest [`Self::queue_greedy`], without reading it.
+    fn embed_queued(&mut self, _table: &Self::Matrix, _out: &mut Self::Buffer) {}
+
+    /// Waits for the oldest token of [`Self::queue_greedy`] not yet returned, and returns it.
+    fn wait_greedy(&mut self) -> Result<u32> {
+        Err(ModelError::Backend(format!(
+            "{}: no queued greedy decoding (check can_queue_greedy)",
+            self.name()
+        )))
+    }
 }

@@ -37,6 +37,13 @@ pub struct GpuBackend {
     device_bytes: u64,
     /// Per-op timestamps (`UPG_PROFILE=1`); `None` records the passes without any.
     profile: Option<Profiler>,
+    /// Read-back buffers of queued greedy tokens, used in turn (the pass after a queued token copies
+    /// its own token while the first is being read), and the submissions in flight with the index of
+    /// their buffer, oldest first.
+    token_readback: [wgpu::Buffer; 2],
+    queued: std::collections::VecDeque<(wgpu::SubmissionIndex, usize)>,
+    next_readback: usize,
+    vocab_of_queued: usize,
 }
 
 /// The command encoder of the pass being recorded, and its open compute pass.
@@ -50,6 +57,7 @@ impl GpuBackend {
         let token = gpu.zeros(4)?.buffer;
         let step = gpu.step_buffer()?;
         let profile = Profiler::from_env(&gpu);
+        let token_readback = [gpu.readback_buffer(4)?, gpu.readback_buffer(4)?];
         Ok(Self {
             gpu,
             kv_f16,
@@ -65,6 +73,10 @@ impl GpuBackend {
             last_finish_time: std::time::Duration::ZERO,
             device_bytes: 0,
             profile,
+            token_readback,
+            queued: Default::default(),
+            next_readback: 0,
+            vocab_of_queued: 0,
         })
     }
 
@@ -153,6 +165,21 @@ impl GpuBackend {
                 .device()
                 .create_command_encoder(&Default::default()),
         }
+    }
+
+    /// Records argmax of logits[..vocab] into the token buffer (id in word 0) and returns that buffer.
+    fn record_argmax(&mut self, logits: &GpuVector, vocab: usize) -> Result<wgpu::Buffer> {
+        let words = Gpu::argmax_words(vocab);
+        if self.token.size() < 4 * words as u64 {
+            // Sized on first use: the chunk winners of argmax's first launch follow the token id.
+            self.token = self.gpu.zeros(words)?.buffer;
+        }
+        let token = self.token.clone();
+        self.record(
+            || "argmax".into(),
+            |gpu, pass| gpu.argmax(pass, &logits.buffer, 0, vocab, &token),
+        );
+        Ok(token)
     }
 
     /// Submits everything recorded plus a copy of `bytes` bytes of `buf`, and returns them.
@@ -528,25 +555,14 @@ impl Backend for GpuBackend {
         history: &[u32],
     ) -> Result<u32> {
         if sampler.is_greedy() && sampler.config.repeat_penalty == 1.0 {
-            let words = Gpu::argmax_words(vocab);
-            if self.token.size() < 4 * words as u64 {
-                // Sized on first use: the chunk winners of argmax's first launch follow the token id.
-                self.token = self.gpu.zeros(words)?.buffer;
+            if self.can_queue_greedy() && self.queued.is_empty() {
+                // Through the kept read-back buffers: no allocation per token.
+                self.queue_greedy(logits, vocab)?;
+                return self.wait_greedy();
             }
-            let token = self.token.clone();
-            self.record(
-                || "argmax".into(),
-                |gpu, pass| gpu.argmax(pass, &logits.buffer, 0, vocab, &token),
-            );
+            let token = self.record_argmax(logits, vocab)?;
             let bytes = self.finish_and_read(&token, 4)?;
-            let id = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-            return if (id as usize) < vocab {
-                Ok(id)
-            } else {
-                Err(ModelError::Backend(format!(
-                    "the GPU sampled token {id}, outside the vocabulary of {vocab}"
-                )))
-            };
+            return token_id(&bytes, vocab);
         }
         let bytes = self.finish_and_read(&logits.buffer, 4 * vocab as u64)?;
         let row: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
@@ -556,5 +572,69 @@ impl Backend for GpuBackend {
     fn read(&mut self, buf: &GpuVector, len: usize) -> Result<Vec<f32>> {
         let bytes = self.finish_and_read(&buf.buffer, 4 * len as u64)?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    fn can_queue_greedy(&self) -> bool {
+        // Profiling reads its timestamps back after every pass.
+        self.profile.is_none()
+    }
+
+    fn queue_greedy(&mut self, logits: &GpuVector, vocab: usize) -> Result<()> {
+        let token = self.record_argmax(logits, vocab)?;
+        let mut encoder = self.encoder();
+        self.last_ops = std::mem::take(&mut self.ops);
+        self.last_recording_time = std::mem::take(&mut self.recording_time);
+        if let Some(e) = self.error.take() {
+            return Err(e.into());
+        }
+        let slot = self.next_readback;
+        if self.queued.iter().any(|&(_, s)| s == slot) {
+            return Err(ModelError::Backend(
+                "more than two greedy tokens queued: wait for one first".into(),
+            ));
+        }
+        self.next_readback = (slot + 1) % self.token_readback.len();
+        encoder.copy_buffer_to_buffer(&token, 0, &self.token_readback[slot], 0, 4);
+        let index = self.gpu.submit(encoder.finish())?;
+        self.queued.push_back((index, slot));
+        self.vocab_of_queued = vocab;
+        Ok(())
+    }
+
+    fn embed_queued(&mut self, table: &GpuMatrix, out: &mut GpuVector) {
+        let token = self.token.clone();
+        self.record(
+            || "embed".into(),
+            |gpu, pass| gpu.embed_token(pass, table, &token, &out.buffer, 0),
+        );
+    }
+
+    fn wait_greedy(&mut self) -> Result<u32> {
+        let Some((index, slot)) = self.queued.pop_front() else {
+            return Err(ModelError::Backend("no greedy token is queued".into()));
+        };
+        let started = std::time::Instant::now();
+        let bytes = self.gpu.read_after(index, &self.token_readback[slot])?;
+        self.last_finish_time = started.elapsed();
+        token_id(&bytes, self.vocab_of_queued)
+    }
+}
+
+/// The token id in the first 4 bytes of `bytes`, checked against the vocabulary.
+fn token_id(bytes: &[u8], vocab: usize) -> Result<u32> {
+    let id = match bytes {
+        [a, b, c, d, ..] => u32::from_le_bytes([*a, *b, *c, *d]),
+        _ => {
+            return Err(ModelError::Backend(
+                "a token read-back of under 4 bytes".into(),
+            ))
+        }
+    };
+    if (id as usize) < vocab {
+        Ok(id)
+    } else {
+        Err(ModelError::Backend(format!(
+            "the GPU sampled token {id}, outside the vocabulary of {vocab}"
+        )))
     }
 }

@@ -58,6 +58,14 @@ enum Logits {
     All,
 }
 
+/// What a pass embeds: token ids from the host, or the one token the last queued greedy pick left on
+/// the device ([`Backend::embed_queued`]).
+#[derive(Clone, Copy)]
+enum Feed<'a> {
+    Tokens(&'a [u32]),
+    Queued,
+}
+
 pub struct Phi3<B: Backend> {
     pub config: Config,
     backend: B,
@@ -239,7 +247,7 @@ impl<B: Backend> Phi3<B> {
                 Logits::Last if last_batch => Logits::Last,
                 _ => Logits::None,
             };
-            self.pass(chunk, chunk_start, mode);
+            self.pass(Feed::Tokens(chunk), chunk_start, mode);
             self.cache.tokens.extend_from_slice(chunk);
             if mode == Logits::All {
                 let rows = self.backend.read(&self.act.logits, chunk.len() * vocab)?;
@@ -250,12 +258,15 @@ impl<B: Backend> Phi3<B> {
         Ok(all)
     }
 
-    /// One forward pass over `tokens` at positions start..start + n (n <= the activation rows).
-    fn pass(&mut self, tokens: &[u32], start: usize, want: Logits) {
+    /// One forward pass over the fed tokens at positions start..start + n (n <= the activation rows).
+    fn pass(&mut self, feed: Feed, start: usize, want: Logits) {
         let c = &self.config;
         let (b, w, a, s) = (&mut self.backend, &self.weights, &mut self.act, &self.shape);
         let (n, hidden, inter, eps) = (
-            tokens.len(),
+            match feed {
+                Feed::Tokens(t) => t.len(),
+                Feed::Queued => 1,
+            },
             c.hidden_size,
             c.intermediate_size,
             c.rms_norm_eps,
@@ -265,7 +276,10 @@ impl<B: Backend> Phi3<B> {
             _ => (&self.short.0, &self.short.1),
         };
 
-        b.embed(&w.embed, tokens, &mut a.x);
+        match feed {
+            Feed::Tokens(t) => b.embed(&w.embed, t, &mut a.x),
+            Feed::Queued => b.embed_queued(&w.embed, &mut a.x),
+        }
         for (l, layer) in w.layers.iter().enumerate() {
             let (k, v) = (&mut self.cache.k[l], &mut self.cache.v[l]);
             // Attention block: RMSNorm inside the qkv projection, RoPE together with the K/V append.
@@ -372,6 +386,17 @@ impl<B: Backend> Phi3<B> {
         let mut next = self.sample(sampler)?;
         out.prompt_time = t0.elapsed();
         let t1 = Instant::now();
+        // Greedy on the device, with RoPE factors that stay as they are to the end: run ahead.
+        let last = self.cache.tokens.len() + max_tokens;
+        if self.backend.can_queue_greedy()
+            && sampler.is_greedy()
+            && sampler.config.repeat_penalty == 1.0
+            && FactorSet::for_len(&self.config, last) == self.cache.factors
+        {
+            self.decode_queued(next, max_tokens, stop, &mut out, on_token)?;
+            out.decode_time = t1.elapsed();
+            return Ok(out);
+        }
         loop {
             out.tokens.push(next);
             on_token(next);
@@ -387,5 +412,57 @@ impl<B: Backend> Phi3<B> {
         }
         out.decode_time = t1.elapsed();
         Ok(out)
+    }
+
+    /// The decode loop of [`Self::generate`] for greedy picks on the device, one pass ahead: the pass
+    /// that feeds token i + 1 is recorded and submitted before token i + 1 is read back, so recording
+    /// and reading overlap the GPU's run of the previous pass. `next` is the first token, already
+    /// picked, and still the device's latest pick. A pass queued for a token that turns out to end the
+    /// generation is waited for and its cache row forgotten.
+    fn decode_queued(
+        &mut self,
+        mut next: u32,
+        max_tokens: usize,
+        stop: &[u32],
+        out: &mut Generation,
+        mut on_token: impl FnMut(u32),
+    ) -> Result<()> {
+        // Whether a pass feeding `next` has been queued (and `next` appended to the cache's tokens).
+        let mut fed = false;
+        loop {
+            out.tokens.push(next);
+            on_token(next);
+            out.stopped = stop.contains(&next);
+            if out.stopped || out.tokens.len() == max_tokens {
+                if fed {
+                    self.backend.wait_greedy()?;
+                    self.cache.tokens.pop();
+                }
+                return Ok(());
+            }
+            if !fed {
+                self.queue_pass()?;
+                self.cache.tokens.push(next);
+            }
+            // The pass after: it feeds the token the queued one picks, needed unless that is the last.
+            let ahead = out.tokens.len() + 1 < max_tokens;
+            if ahead {
+                self.queue_pass()?;
+            }
+            next = self.backend.wait_greedy()?;
+            if ahead {
+                self.cache.tokens.push(next);
+            }
+            fed = ahead;
+        }
+    }
+
+    /// Records a pass over the device's latest greedy pick at the next free position, and queues its
+    /// own greedy pick.
+    fn queue_pass(&mut self) -> Result<()> {
+        let start = self.cache.tokens.len();
+        self.pass(Feed::Queued, start, Logits::Last);
+        self.backend
+            .queue_greedy(&self.act.logits, self.config.vocab_size)
     }
 }
