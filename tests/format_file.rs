@@ -1175,10 +1175,10 @@ fn unusable_paths_give_clear_errors() {
     assert_eq!(dir.files(), ["model.upg"]);
 }
 
-/// Prints, for each tensor, dtype, shape and every value (repr round-trips floats exactly), and the
-/// metadata, as JSON.
+/// Prints, for each tensor, dtype, shape, every value (repr round-trips floats exactly) and zlib's
+/// CRC-32 of its bytes, and the metadata, as JSON.
 const PYTHON_READER: &str = r#"
-import json, sys
+import json, sys, zlib
 from safetensors import safe_open
 from safetensors.numpy import load_file
 path = sys.argv[1]
@@ -1187,7 +1187,8 @@ with safe_open(path, framework="np") as f:
     metadata = f.metadata()
 print(json.dumps({
     "tensors": {k: {"dtype": str(v.dtype), "shape": list(v.shape),
-                    "values": [repr(x) for x in v.ravel().tolist()]} for k, v in tensors.items()},
+                    "values": [repr(x) for x in v.ravel().tolist()],
+                    "crc32": "%08x" % zlib.crc32(v.tobytes())} for k, v in tensors.items()},
     "metadata": metadata,
 }))
 "#;
@@ -1317,6 +1318,12 @@ fn python_safetensors_reads_the_file() {
     }
     let meta = got["metadata"].as_object().unwrap();
     assert_eq!(meta["upg.format_version"], "1");
+    // The checksums the writer stored are zlib's CRC-32 of each tensor's bytes.
+    let crcs: Value = serde_json::from_str(meta["upg.checksums"].as_str().unwrap()).unwrap();
+    assert_eq!(crcs.as_object().unwrap().len(), tensors.len());
+    for (name, t) in tensors {
+        assert_eq!(crcs[name.as_str()], t["crc32"], "{name}");
+    }
     for (k, v) in &m.metadata {
         assert_eq!(meta[k.as_str()], *v.as_str(), "{k}");
     }
