@@ -77,6 +77,10 @@ pub enum ModelError {
         max: usize,
     },
 
+    /// A model the GPU cannot hold, found before anything was uploaded.
+    #[error("the model does not fit the GPU '{adapter}': {reason}")]
+    DoesNotFit { adapter: String, reason: String },
+
     #[error("sampler: {0}")]
     Sampler(String),
 

@@ -84,6 +84,11 @@ impl GpuBackend {
         &self.gpu
     }
 
+    /// Bytes of the device buffers this backend made (weights, activations, caches).
+    pub fn device_bytes(&self) -> u64 {
+        self.device_bytes
+    }
+
     fn dims(&self, s: &AttentionShape) -> AttentionDims {
         AttentionDims {
             heads: s.heads,
@@ -270,6 +275,17 @@ impl Backend for GpuBackend {
             s += &p.table();
         }
         s
+    }
+
+    fn check_fit(
+        &self,
+        config: &super::Config,
+        weights: &super::HostWeights,
+        ctx: usize,
+        rows: usize,
+    ) -> Result<()> {
+        super::device_fit::Footprint::of(&self.gpu, config, weights, ctx, rows, self.kv_f16)?
+            .check(&self.gpu, ctx)
     }
 
     fn max_batch(&self) -> usize {

@@ -9,6 +9,7 @@
 //!   implement it.
 //! - [`rope`]: RoPE / LongRoPE tables. [`phi3`]: the model, its KV cache and generation loop.
 //! - [`sampler`], [`tokenizer`]: choosing tokens, text and chat templates.
+//! - [`device_fit`]: whether a model fits a GPU, known before anything is uploaded.
 //! - [`calibration`]: activation norms of the linear layers' inputs (Wanda pruning).
 //! - [`perplexity`]: held-out perplexity over windows of a token stream, on any backend.
 
@@ -18,6 +19,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod convert;
 pub mod cpu_backend;
+pub mod device_fit;
 pub mod error;
 pub mod gpu_backend;
 mod gpu_profile;
