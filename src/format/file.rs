@@ -12,10 +12,12 @@
 //!
 //! safetensors' `__metadata__` string map holds `upg.format_version` = "1", one
 //! `upg.tensor.NAME` = `{"codec":"sparse50_q4","shape":[rows,cols],"group":128}` per matrix (no `group`
-//! for f32 and f16), `upg.checksums` = `{"NAME.masks":"1c291ca3",...}` (the CRC-32 of every container
-//! tensor, so that a damaged copy is refused instead of giving wrong weights), and the caller's own keys
-//! (such as `upg.config`). The checksums are known only once the data is written: the header is laid out
-//! with zeros in their place and rewritten, at the same length, by [`UpgWriter::finish`].
+//! for f32 and f16), `upg.checksums` = `{"NAME.masks":"1c291ca3",...,"__metadata__":"..."}` (the CRC-32
+//! of every container tensor and of the header, so that a damaged copy is refused instead of giving
+//! wrong weights: every single-bit error is caught), and the caller's own keys (such as `upg.config`).
+//! The checksums are known only once the data is written: the header is laid out with zeros in their
+//! place and rewritten, at the same length, by [`UpgWriter::finish`]. Version 1 files (before the
+//! checksums) are still read.
 //!
 //! safetensors stores tensors back to back with no gaps, so alignment comes from the order: planes with
 //! 8-byte elements first, then 4, 2 and 1, and the JSON header padded with spaces so the data section
@@ -54,15 +56,19 @@ compile_error!(
     "the .upg file is little-endian and upg maps it in place: big-endian hosts are not supported"
 );
 
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes. It reads it and version 1, which had no checksums.
+pub const FORMAT_VERSION: u32 = 2;
 /// Metadata key of the format version.
 pub const VERSION_KEY: &str = "upg.format_version";
 /// Metadata key prefix of each matrix's description: `upg.tensor.NAME`.
 pub const MATRIX_KEY_PREFIX: &str = "upg.tensor.";
-/// Metadata key of the CRC-32 (IEEE, as zlib's `crc32`) of every container tensor's bytes: a JSON
-/// object, tensor name -> 8 lowercase hex digits. Files written before it existed have none.
+/// Metadata key of the CRC-32s (IEEE, as zlib's `crc32`) of the file: a JSON object of 8 lowercase hex
+/// digits by container tensor name, and under `__metadata__` (a name no tensor can have) the CRC-32 of
+/// the JSON header as written with every digit of this object's values a 0. Version 2 files always
+/// have it; version 1 files never do.
 pub const CHECKSUMS_KEY: &str = "upg.checksums";
+/// The name of the header's CRC-32 in the checksums.
+const HEADER_CHECKSUM: &str = "__metadata__";
 /// safetensors refuses longer headers (and so does Python's reader).
 const MAX_HEADER_BYTES: usize = 100_000_000;
 /// Bytes of the little-endian header length that starts every safetensors file.
@@ -367,6 +373,8 @@ pub struct UpgWriter {
     slots: HashMap<String, Slot>,
     /// Where the placeholder of the `upg.checksums` value (a JSON string) lies in the file.
     checksums_at: (u64, usize),
+    /// CRC-32 of the header as laid out (checksums zero).
+    header_crc: u32,
     finished: bool,
 }
 
@@ -454,7 +462,12 @@ impl UpgWriter {
         });
 
         // Zeros where the checksums go: finish() writes them over, at the same length.
-        let placeholder = checksums_json(tensors.iter().map(|t| (t.0.as_str(), 0)))?;
+        let placeholder = checksums_json(
+            tensors
+                .iter()
+                .map(|t| (t.0.as_str(), 0))
+                .chain([(HEADER_CHECKSUM, 0)]),
+        )?;
         metadata.insert(CHECKSUMS_KEY.to_string(), placeholder.clone());
         let too_large = || FormatError::Parameter("the planned file is too large".into());
         let mut header = String::from("{\"__metadata__\":");
@@ -505,6 +518,7 @@ impl UpgWriter {
                 header.len()
             )));
         }
+        let header_crc = crc32fast::hash(header.as_bytes());
         let data_start = (LEN_BYTES + header.len()) as u64;
         let total = data_start
             .checked_add(offset as u64)
@@ -534,6 +548,7 @@ impl UpgWriter {
                 })
                 .collect(),
             checksums_at,
+            header_crc,
             finished: false,
         };
         // From here on, an error drops `w`, which deletes the partial file.
@@ -712,7 +727,8 @@ impl UpgWriter {
             self.slots
                 .values()
                 .flat_map(|s| &s.checksums)
-                .map(|(n, c)| (n.as_str(), *c)),
+                .map(|(n, c)| (n.as_str(), *c))
+                .chain([(HEADER_CHECKSUM, self.header_crc)]),
         )?;
         let text = json(&checksums)?;
         let (at, len) = self.checksums_at;
@@ -972,21 +988,34 @@ impl UpgFile {
     fn from_map(path: PathBuf, map: Mmap) -> Result<Self> {
         let (mut tensors, mut metadata) = parse_container(&path, &map)?;
 
-        match metadata.get(VERSION_KEY) {
-            None => {
+        let checksums = metadata.remove(CHECKSUMS_KEY);
+        match (metadata.get(VERSION_KEY).map(String::as_str), &checksums) {
+            (None, _) => {
                 return Err(FormatError::Header {
                     path,
                     reason: format!("no '{VERSION_KEY}' in the metadata: a safetensors file, but not a .upg file; convert the checkpoint with upg"),
                 })
             }
-            Some(v) if *v != FORMAT_VERSION.to_string() => {
+            (Some("2"), None) => {
+                return Err(FormatError::Header {
+                    path,
+                    reason: format!("no '{CHECKSUMS_KEY}' in the metadata, which every version 2 file has: the header is damaged; copy or convert the file again"),
+                })
+            }
+            (Some("1"), Some(_)) => {
+                return Err(FormatError::Header {
+                    path,
+                    reason: format!("'{CHECKSUMS_KEY}' in a version 1 file, which has none: the header is damaged; copy or convert the file again"),
+                })
+            }
+            (Some("1" | "2"), _) => {}
+            (Some(v), _) => {
                 return Err(FormatError::Version {
                     path,
-                    found: v.clone(),
+                    found: v.to_string(),
                     supported: FORMAT_VERSION,
                 })
             }
-            Some(_) => {}
         }
 
         let mut matrices = BTreeMap::new();
@@ -1002,7 +1031,6 @@ impl UpgFile {
             matrices.insert(name.to_string(), matrix);
         }
         metadata.remove(VERSION_KEY);
-        let checksums = metadata.remove(CHECKSUMS_KEY);
 
         let (mut arrays, mut blobs) = (BTreeMap::new(), BTreeMap::new());
         for (name, t) in tensors {
@@ -1130,15 +1158,59 @@ impl UpgFile {
         })
     }
 
-    /// Checks every tensor's bytes against the CRC-32s of `upg.checksums` (all in parallel), and that
-    /// the checksums name exactly the file's tensors. The first failure in name order is reported.
+    /// Checks the header and every tensor's bytes against the CRC-32s of `upg.checksums` (all in
+    /// parallel), and that the checksums name exactly the file's tensors. The first failure in name
+    /// order is reported.
     fn verify_checksums(&self, text: &str) -> Result<()> {
         let path = &self.path;
-        let stored: BTreeMap<String, String> =
-            serde_json::from_str(text).map_err(|e| FormatError::Header {
-                path: path.clone(),
-                reason: format!("'{CHECKSUMS_KEY}' is not a map of tensor names to CRC-32s ({e}): the header is damaged"),
-            })?;
+        let damaged = |what: String| FormatError::Header {
+            path: path.clone(),
+            reason: format!("{what}: the header is damaged (or was rewritten by another tool); copy or convert the file again"),
+        };
+        let mut stored: BTreeMap<String, String> = serde_json::from_str(text).map_err(|e| {
+            damaged(format!(
+                "'{CHECKSUMS_KEY}' is not a map of tensor names to CRC-32s ({e})"
+            ))
+        })?;
+        let parse = |hex: &str| {
+            // Lowercase only: an upper-case digit would be a second spelling that a flipped bit
+            // (0x20) makes, and the header's checksum treats every digit as 0.
+            (hex.len() == 8 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+                .then(|| u32::from_str_radix(hex, 16).ok())
+                .flatten()
+        };
+        // The header as it was laid out: this value with zeros for digits, as `UpgWriter` wrote it.
+        let header_crc = stored
+            .remove(HEADER_CHECKSUM)
+            .and_then(|hex| parse(&hex))
+            .ok_or_else(|| damaged(format!("no CRC-32 of the header in '{CHECKSUMS_KEY}'")))?;
+        let zeros = checksums_json(
+            stored
+                .keys()
+                .map(|k| (k.as_str(), 0))
+                .chain([(HEADER_CHECKSUM, 0)]),
+        )?;
+        let key = json(CHECKSUMS_KEY)?;
+        let (written, laid_out) = (
+            format!("{key}:{}", json(text)?),
+            format!("{key}:{}", json(&zeros)?),
+        );
+        let header = self.header_text();
+        let at = header
+            .windows(written.len())
+            .position(|w| w == written.as_bytes())
+            .filter(|_| written.len() == laid_out.len())
+            .ok_or_else(|| damaged(format!("'{CHECKSUMS_KEY}' is not where upg writes it")))?;
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&header[..at]);
+        hasher.update(laid_out.as_bytes());
+        hasher.update(&header[at + written.len()..]);
+        let got = hasher.finalize();
+        if got != header_crc {
+            return Err(damaged(format!(
+                "the header does not match its checksum (CRC-32 {got:08x}, stored {header_crc:08x})"
+            )));
+        }
         // (entry, field, container tensor, bytes) of every tensor in the file.
         let mut parts: Vec<(&str, &str, String, &Stored)> = Vec::new();
         for (name, m) in &self.matrices {
@@ -1155,9 +1227,7 @@ impl UpgFile {
                 let reason = match stored.get(tensor) {
                     None => format!("'{tensor}' has no checksum in '{CHECKSUMS_KEY}', though the file has checksums: the header is damaged"),
                     Some(hex) => {
-                        let want = (hex.len() == 8 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
-                            .then(|| u32::from_str_radix(hex, 16).ok())
-                            .flatten();
+                        let want = parse(hex);
                         let got = crc32fast::hash(self.map.get(s.start..s.end).unwrap_or(&[]));
                         match want {
                             None => format!("checksum '{hex}' of '{tensor}' is not 8 hex digits: the header is damaged"),
@@ -1182,6 +1252,15 @@ impl UpgFile {
             )),
             None => Ok(()),
         }
+    }
+
+    /// The JSON header (its length was checked when the file was opened).
+    fn header_text(&self) -> &[u8] {
+        let len = self
+            .map
+            .first_chunk::<LEN_BYTES>()
+            .map_or(0, |n| u64::from_le_bytes(*n) as usize);
+        self.map.get(LEN_BYTES..LEN_BYTES + len).unwrap_or(&[])
     }
 
     /// A plane in place when aligned for `T`, otherwise an owned copy.

@@ -412,6 +412,18 @@ impl Gpu {
         })
     }
 
+    /// Drops the cached kernel parameters and bind groups (made again when next needed); the buffers
+    /// they alone held are freed. Their sizes are bounded (`CACHE_ENTRIES`), but they grow with what
+    /// has been run (a parameter buffer per embedded token id): leak checks clear them first.
+    pub fn clear_caches(&self) {
+        if let Ok(mut u) = self.uniforms.lock() {
+            u.clear();
+        }
+        if let Ok(mut b) = self.binds.lock() {
+            b.clear();
+        }
+    }
+
     /// The error for a device that is lost, if it is.
     fn lost(&self) -> Option<GpuError> {
         let reason = self.lost.lock().ok()?.clone()?;
