@@ -187,15 +187,24 @@ fn a_device_lost_during_generation_is_an_error_on_every_later_call() {
             (first.map(|g| g.tokens), second.map(|g| g.tokens), seen)
         });
         let (first, second, seen) = result;
-        println!("temperature {}: {seen} tokens, then {first:?}; next call {second:?}", config.temperature);
-        for (call, r) in [("the call it happened in", first), ("the next call", second)] {
+        println!(
+            "temperature {}: {seen} tokens, then {first:?}; next call {second:?}",
+            config.temperature
+        );
+        for (call, r) in [
+            ("the call it happened in", first),
+            ("the next call", second),
+        ] {
             let err = r.expect_err(call);
             let msg = err.to_string();
             assert!(
                 matches!(err, ModelError::Gpu(GpuError::DeviceLost { .. })),
                 "{call}: {err:?}"
             );
-            assert!(msg.contains("was lost") && msg.contains("--backend cpu"), "{msg}");
+            assert!(
+                msg.contains("was lost") && msg.contains("--backend cpu"),
+                "{msg}"
+            );
         }
     }
 }
@@ -224,8 +233,14 @@ fn errors_that_escape_the_error_scopes_reach_the_caller() {
         .expect_err("the escaped error");
     let msg = err.to_string();
     println!("{msg}");
-    assert!(matches!(err, ModelError::Gpu(GpuError::Wgpu { .. })), "{err:?}");
-    assert!(msg.contains("not a multiple of 4") || msg.contains("multiple of"), "{msg}");
+    assert!(
+        matches!(err, ModelError::Gpu(GpuError::Wgpu { .. })),
+        "{err:?}"
+    );
+    assert!(
+        msg.contains("not a multiple of 4") || msg.contains("multiple of"),
+        "{msg}"
+    );
     // Reported once: the device is still good, and the next call runs as before.
     model.reset();
     let again = model

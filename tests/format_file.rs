@@ -803,7 +803,9 @@ fn files_without_a_supported_version_are_refused() {
     }
     // Version 2 always has checksums (the hand-made file is version 1, which has none).
     let mut parts = good.clone();
-    parts.metadata.insert("upg.format_version".into(), "2".into());
+    parts
+        .metadata
+        .insert("upg.format_version".into(), "2".into());
     let err = refuse(&dir, &parts.assemble());
     assert!(
         matches!(&err, FormatError::Header { reason, .. } if reason.contains("upg.checksums")),

@@ -43,7 +43,7 @@ fn load<B: Backend>(backend: B) -> Phi3<B> {
 fn call<B: Backend>(model: &mut Phi3<B>, rng: &mut Rng, i: usize) -> usize {
     model.reset();
     let prompt: Vec<u32> = (0..3).map(|_| rng.below(384) as u32).collect();
-    let mut sampler = if i % 2 == 0 {
+    let mut sampler = if i.is_multiple_of(2) {
         Sampler::greedy()
     } else {
         Sampler::new(SamplerConfig {

@@ -1,5 +1,6 @@
 //! Writes the seed inputs of the fuzz targets into seeds/: small .upg files with every codec (one
-//! with checksums, one whose checksum key is renamed so that mutated data reaches the content checks),
+//! with checksums, one made a version 1 file without them so that mutated data reaches the content
+//! checks),
 //! and the config.json files of the test fixtures and the built-in model.
 //!
 //! `cargo run --release --example make_seeds` (from fuzz/)
@@ -45,8 +46,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let bytes = std::fs::read(&path)?;
     let text = String::from_utf8_lossy(&bytes[..64.min(bytes.len())]).into_owned();
     println!("{}: {} bytes ({text:?}...)", path.display(), bytes.len());
-    // The same length, so the layout stands; the reader then sees no checksums.
+    // As a version 1 file (no checksums): the same length, so the layout stands, and mutated data
+    // reaches the content checks and the decoders instead of stopping at a checksum.
     let unchecked = replace(&bytes, b"\"upg.checksums\"", b"\"upg.checksumz\"");
+    let unchecked = replace(
+        &unchecked,
+        b"\"upg.format_version\":\"2\"",
+        b"\"upg.format_version\":\"1\"",
+    );
     std::fs::write(seeds.join("upg_file/all_codecs_unchecked.upg"), unchecked)?;
     file::write(seeds.join("upg_file/empty.upg"), &[], &Default::default())?;
 

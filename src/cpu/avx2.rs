@@ -526,7 +526,7 @@ fn decode_prepared(w: &Tensor, row: &Scratch, out: &mut [f32]) -> bool {
     match w {
         Tensor::Sparse(m) => for_sparse_chunks(row, m.blocks_per_row(), m.group / BLOCK, store),
         Tensor::Q4(m) => for_q4_chunks(row, m.group, store),
-        _ => unreachable!(),
+        _ => return false,
     }
     true
 }

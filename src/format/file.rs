@@ -1163,9 +1163,11 @@ impl UpgFile {
     /// order is reported.
     fn verify_checksums(&self, text: &str) -> Result<()> {
         let path = &self.path;
-        let damaged = |what: String| FormatError::Header {
+        let damaged = |what: String| {
+            FormatError::Header {
             path: path.clone(),
             reason: format!("{what}: the header is damaged (or was rewritten by another tool); copy or convert the file again"),
+        }
         };
         let mut stored: BTreeMap<String, String> = serde_json::from_str(text).map_err(|e| {
             damaged(format!(

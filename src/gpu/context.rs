@@ -406,10 +406,12 @@ impl Gpu {
             submission_index: None,
             timeout: None,
         });
-        self.device.generate_allocator_report().map(|r| Allocations {
-            count: r.allocations.len(),
-            bytes: r.total_allocated_bytes,
-        })
+        self.device
+            .generate_allocator_report()
+            .map(|r| Allocations {
+                count: r.allocations.len(),
+                bytes: r.total_allocated_bytes,
+            })
     }
 
     /// Drops the cached kernel parameters and bind groups (made again when next needed); the buffers
@@ -718,7 +720,12 @@ impl Gpu {
 
 /// Bytes of the adapter's device-local memory heaps, where the backend can say (Vulkan); `None`
 /// elsewhere. wgpu has no portable query for it.
-#[cfg(any(windows, target_os = "linux", target_os = "android", target_os = "freebsd"))]
+#[cfg(any(
+    windows,
+    target_os = "linux",
+    target_os = "android",
+    target_os = "freebsd"
+))]
 fn driver_memory(adapter: &wgpu::Adapter) -> Option<u64> {
     // SAFETY: only reads the physical device's memory properties through the raw Vulkan handles;
     // nothing wgpu tracks is created or changed.
@@ -739,7 +746,12 @@ fn driver_memory(adapter: &wgpu::Adapter) -> Option<u64> {
     (bytes > 0).then_some(bytes)
 }
 
-#[cfg(not(any(windows, target_os = "linux", target_os = "android", target_os = "freebsd")))]
+#[cfg(not(any(
+    windows,
+    target_os = "linux",
+    target_os = "android",
+    target_os = "freebsd"
+)))]
 fn driver_memory(_adapter: &wgpu::Adapter) -> Option<u64> {
     None
 }

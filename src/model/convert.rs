@@ -13,7 +13,7 @@ use std::path::Path;
 use super::calibration::ActivationNorms;
 use super::checkpoint::Checkpoint;
 use super::config::Config;
-use super::error::{ModelError, Result};
+use super::error::{ModelError, Result, TokenizerError};
 use super::tokenizer::TokenizerFiles;
 use super::weights::{encode_from_checkpoint, CodecPlan, HostWeights, MatrixName, Weights};
 use crate::format::file::{MatrixSpec, Plan, UpgFile, UpgWriter};
@@ -89,7 +89,7 @@ pub fn convert_calibrated(
         std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
     let tokenizer = match TokenizerFiles::read_dir(dir) {
         Ok(files) => Some(files),
-        Err(ModelError::Tokenizer { .. }) => None,
+        Err(ModelError::Tokenizer(TokenizerError::Missing { .. })) => None,
         Err(e) => return Err(e),
     };
 

@@ -35,7 +35,7 @@ pub use backend::{AttentionShape, Backend};
 pub use checkpoint::Checkpoint;
 pub use config::{Config, LongRope};
 pub use cpu_backend::Cpu;
-pub use error::{ModelError, Result};
+pub use error::{ModelError, Result, TokenizerError};
 pub use gpu_backend::GpuBackend;
 pub use phi3::{Generation, Phi3};
 pub use sampler::{Sampler, SamplerConfig};
