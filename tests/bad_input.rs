@@ -17,7 +17,6 @@
 //! | NaN or infinite weights at conversion                  | here: `non_finite_weights_stop_conversion_and_leave_nothing` |
 //! | an output path that cannot be written                  | model_convert.rs `failed_conversions_leave_nothing_behind`, format_file.rs `unusable_paths_give_clear_errors`; here: `a_conversion_that_cannot_be_moved_into_place_leaves_nothing` |
 //! | a model larger than the device, a buffer over its largest binding | device_faults.rs `a_model_larger_than_the_device_is_refused_before_upload`, `a_buffer_over_the_largest_binding_is_refused_before_upload`; here: `the_generate_example_refuses_what_does_not_fit` |
-//! | inputs the fuzzers found (fuzz/, FUZZING.md)            | here: `fuzz_regressions` |
 
 mod model_common;
 
@@ -559,7 +558,3 @@ fn the_generate_example_refuses_what_does_not_fit() {
         assert!(ok, "64 MiB: {err}");
     }
 }
-
-/// Inputs the fuzz targets (fuzz/, FUZZING.md) found to crash, kept as they were found.
-#[test]
-fn fuzz_regressions() {}

@@ -81,6 +81,7 @@ fn a_model_larger_than_the_device_is_refused_before_upload() {
     let Some(probe) = gpu_or_skip(GpuOptions::default()) else {
         return;
     };
+    println!("the driver's device memory: {:?}", probe.memory());
     let (config, weights) = fixture_weights(&CodecPlan::compressed());
     let ctx = 64;
     let need = footprint(
