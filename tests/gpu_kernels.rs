@@ -273,6 +273,43 @@ fn decompress_matches_the_reference() {
 }
 
 #[test]
+fn decompress_into_chunks_that_cut_row_tiles() {
+    // 40 KiB bindings: the f16 copy of [300, 1000] (2000 bytes a row) goes in chunks of 20 rows, so
+    // most output chunks start and end inside a 32-row tile of the sparse layout, and a workgroup's
+    // tile is only partly written by each launch.
+    let limits = LimitOverrides {
+        max_binding_bytes: Some(40 << 10),
+        ..Default::default()
+    };
+    let gpu = &variants(limits)[..1];
+    let mut rng = Rng::new(test_seed("decompress_into_chunks_that_cut_row_tiles"));
+    for gpu in gpu {
+        let (rows, cols) = (300, 1000);
+        let w = Tensor::Sparse(SparseMatrix::random(rows, cols, 128, &mut rng).unwrap());
+        let m = gpu.upload(&w).unwrap();
+        for kind in [DenseKind::F16, DenseKind::F32] {
+            let out = gpu.dense_zeros(rows, cols, kind).unwrap();
+            assert!(out.chunks() >= 8, "{} output chunks", out.chunks());
+            gpu.poison(&out).unwrap();
+            gpu.run(|pass| gpu.decompress(pass, &m, &out)).unwrap();
+            let got = gpu.read_dense(&out).unwrap();
+            for (i, (&g, e)) in got.iter().zip(reference::decompress_f32(&w)).enumerate() {
+                let ok = match kind {
+                    DenseKind::F32 => g == e,
+                    DenseKind::F16 => f16_neighbours(e).contains(&g),
+                };
+                assert!(
+                    ok,
+                    "{kind:?} at ({}, {}): got {g}, exact {e}",
+                    i / cols,
+                    i % cols
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn lowered_limits_split_bindings_dispatch_in_2d_and_tile_x() {
     // 64 KiB bindings: the sparse [600, 1000] matrix (256 bytes of codes a row) goes in 3 chunks of
     // 8 row tiles, and its f16 copy (2000 bytes a row) in 19 chunks. At most 4 workgroups per

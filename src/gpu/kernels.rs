@@ -6,6 +6,7 @@ use super::context::Gpu;
 use super::error::{GpuError, Result};
 use super::matrix::{GpuMatrix, Layout, TILE_ROWS};
 use super::shader::Kernel;
+use super::transformer::word;
 
 /// Words of workgroup memory spmv needs besides the x tile (the per-slice partial sums).
 const SPMV_PARTIAL_BYTES: u32 = 4 * 32 * 32;
@@ -248,22 +249,26 @@ impl Gpu {
                 if a >= b || w.cols == 0 {
                     continue;
                 }
-                let units = (b - a) * stride / 8;
+                // A workgroup per tile of 32 rows and 8 blocks (see decompress.wgsl).
+                let (first, end) = (a - i.row0, b - i.row0);
+                let tile0 = first / TILE_ROWS;
+                let tiles = end.div_ceil(TILE_ROWS) - tile0;
+                let groups_wg = (tiles * blocks.div_ceil(8)) as u64;
                 let params = self.uniform(&[
-                    (b - a) as u32,
-                    w.cols as u32,
-                    blocks as u32,
-                    groups as u32,
-                    (a - i.row0) as u32,
-                    (a - o.row0) as u32,
-                    stride as u32,
-                    units as u32,
+                    word(b - a)?,
+                    word(w.cols)?,
+                    word(blocks)?,
+                    word(groups)?,
+                    word(first)?,
+                    word(a - o.row0)?,
+                    word(stride)?,
+                    word(tile0)?,
                 ])?;
                 let mut buffers: Vec<&wgpu::Buffer> = vec![&params];
                 buffers.extend(&i.planes);
                 buffers.push(&o.planes[0]);
                 let bind = self.bind(&layout, &buffers)?;
-                let (gx, gy) = self.grid(units.div_ceil(256) as u64)?;
+                let (gx, gy) = self.grid(groups_wg)?;
                 pass.set_pipeline(&pipeline);
                 pass.set_bind_group(0, &bind, &[]);
                 pass.dispatch_workgroups(gx, gy, 1);

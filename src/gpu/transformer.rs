@@ -35,7 +35,7 @@ impl AttentionDims {
 /// Widest head attention.wgsl holds in workgroup memory.
 const MAX_HEAD_DIM: usize = 256;
 
-fn word(v: usize) -> Result<u32> {
+pub(super) fn word(v: usize) -> Result<u32> {
     u32::try_from(v)
         .map_err(|_| GpuError::Shape(format!("{v} does not fit a 32-bit kernel parameter")))
 }
