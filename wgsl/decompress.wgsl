@@ -15,14 +15,14 @@
 //   3  storage, read      rots:   array<u32>        as in spmv.wgsl
 //   4  storage, read      scales: array<u32>        as in spmv.wgsl
 //   5  storage, read_write out:   array<vec4<u32>>  f16: 8 values per vec4; f32: 4 values per vec4 (bitcast)
-// Workgroup: 256 threads, one half tile (16 rows) x 4 blocks (256 columns). Its 64 records are 4 runs
-// of 16 consecutive records in the GPU layout (record (t * blocks + b) * 32 + l): thread k < 64 loads
-// record (row k % 16, block k / 16) and walks its kept weights (firstLeadingBit per weight, as spmv
-// does), writing each value into a zeroed 16 x 256 f32 tile in workgroup memory (16 KiB, the WebGPU
-// minimum); then all threads write the tile out as rows of 8-column units, consecutive threads along a
-// row (whole lines). The walk costs ~12 instructions per kept weight, ~6 per output value.
-// Dispatch: half tiles x ceil(blocks / 4) workgroups over the half tiles holding rows in_row0 .. in_row0
-// + rows, (x, y) with id = x + y * num_workgroups.x when over 65535.
+// Workgroup: 256 threads, one tile of 32 rows x 8 blocks (512 columns). Both sides of memory move in
+// whole lines: the tile's 256 records are consecutive in the GPU layout (record (t * blocks + b) * 32 + l),
+// so thread k loads record k into workgroup memory; then each thread writes 8 "units" of 8 consecutive
+// columns, consecutive threads along a row (64 units = 1 KB of f16 per row). A kept column finds its
+// code from the number of kept columns above it in its rotated half (countOneBits), its step in the
+// spmv walk.
+// Dispatch: tiles x ceil(blocks / 8) workgroups over the tiles holding rows in_row0 .. in_row0 + rows,
+// (x, y) with id = x + y * num_workgroups.x when over 65535.
 // Features: none (f16 output goes through pack2x16float: naga 30 mistypes bitcast<u32>(vec2<f16>)).
 
 struct Params {
@@ -33,15 +33,17 @@ struct Params {
     in_row0: u32,  // first row to write, counted inside the sparse chunk
     out_row0: u32, // the same row, counted inside the output buffer
     stride: u32,   // output row length in values (multiple of 8)
-    tile0: u32,    // first half tile (16 rows) of the launch: in_row0 / 16
+    tile0: u32,    // first tile of the launch: in_row0 / 32
 }
 
 override GROUP_BLOCKS: u32 = 2u;
 override OUT_F32: bool = false;
 const LANES: u32 = 32u;
-const TILE_BLOCKS: u32 = 4u;
-const HALF: u32 = 16u;  // rows per workgroup
-const ROW: u32 = 256u;  // tile row length (a warp reads one row at a time: no bank conflicts)
+const TILE_BLOCKS: u32 = 8u;
+// Records in workgroup memory at block * 33 + row: the pad puts the 4 blocks a warp reads at once
+// in different banks.
+const SLOT_BLOCK: u32 = 33u;
+const SLOTS: u32 = 264u; // 8 * 33
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> masks: array<vec2<u32>>;
@@ -50,27 +52,13 @@ const ROW: u32 = 256u;  // tile row length (a warp reads one row at a time: no b
 @group(0) @binding(4) var<storage, read> scales: array<u32>;
 @group(0) @binding(5) var<storage, read_write> out: array<vec4<u32>>;
 
-var<workgroup> tile: array<f32, 4096>; // HALF * ROW
+var<workgroup> s_masks: array<vec2<u32>, SLOTS>;
+var<workgroup> s_codes: array<vec4<u32>, SLOTS>;
+// rot in bits 0..5, the scale's f16 bits in 16..31.
+var<workgroup> s_meta: array<u32, SLOTS>;
 
 fn pack_pair(a: f32, b: f32) -> u32 {
     return pack2x16float(vec2<f32>(a, b));
-}
-
-// Writes the kept weights of one rotated mask half (bit q = block column (rot + q0 + q) mod 64) into
-// the tile row at `at` (the block's first column): step s, highest set bit first, takes nibble
-// (s % 8) / 2 + 4 (s % 2) of code word s / 8 of the half (lo, hi).
-fn walk(half_mask: u32, lo: u32, hi: u32, rot: u32, at: u32, s2: f32, s15: f32) {
-    var h = half_mask;
-    for (var s = 0u; s < 16u; s++) {
-        if h == 0u {
-            break; // a partial last block keeps fewer
-        }
-        let q = firstLeadingBit(h);
-        h ^= 1u << q;
-        let word = select(lo, hi, s >= 8u);
-        let code = f32((word >> (4u * (((s & 7u) >> 1u) + ((s & 1u) << 2u)))) & 15u);
-        tile[at + ((rot + q) & 63u)] = fma(code, s2, -s15);
-    }
 }
 
 @compute @workgroup_size(256)
@@ -85,48 +73,58 @@ fn main(
     let b0 = (id % bgroups) * TILE_BLOCKS;
     let first = params.in_row0;
     let end = params.in_row0 + params.rows;
-    if t * HALF >= end {
-        return; // past the last half tile (the 2D grid's tail): uniform over the workgroup
+    if t * LANES >= end {
+        return; // past the last tile (the 2D grid's tail): uniform over the workgroup
     }
-    for (var i = k; i < HALF * ROW; i += 256u) {
-        tile[i] = 0.0;
-    }
-    workgroupBarrier();
 
-    // Walk: thread k < 64 takes row k % 16 of the half tile at block b0 + k / 16.
-    let il = k % HALF;
-    let row = t * HALF + il; // chunk row
-    let l = row % LANES;     // lane of the row in its 32-row tile
-    let bl = k / HALF;
+    // Load: thread k takes record k of the tile's 8 blocks (row k % 32, block b0 + k / 32).
+    let l = k % LANES;
+    let bl = k / LANES;
     let b = b0 + bl;
-    if k < HALF * TILE_BLOCKS && b < params.blocks {
-        let rec = ((row / LANES) * params.blocks + b) * LANES + l;
-        let m = masks[rec];
-        let cw = codes[rec];
+    if b < params.blocks {
+        let rec = (t * params.blocks + b) * LANES + l;
+        let slot = bl * SLOT_BLOCK + l;
+        s_masks[slot] = masks[rec];
+        s_codes[slot] = codes[rec];
         let rot = (rots[rec >> 2u] >> ((rec & 3u) * 8u)) & 31u;
-        let si = ((row / LANES) * params.groups + b / GROUP_BLOCKS) * LANES + l;
-        let sc = unpack2x16float(scales[si >> 1u])[si & 1u];
-        let at = il * ROW + bl * 64u;
-        walk(m.x, cw.x, cw.y, rot, at, 2.0 * sc, 15.0 * sc);
-        walk(m.y, cw.z, cw.w, rot + 32u, at, 2.0 * sc, 15.0 * sc);
+        let si = (t * params.groups + b / GROUP_BLOCKS) * LANES + l;
+        let pair = scales[si >> 1u];
+        let sbits = select(pair & 0xffffu, pair >> 16u, (si & 1u) == 1u);
+        s_meta[slot] = rot | (sbits << 16u);
     }
     workgroupBarrier();
 
-    // Write: 16 rows x 32 units of 8 columns, 256 units per round, row-major.
+    // Write: 32 rows x 64 units of 8 columns, 256 units per round, row-major.
     let per_row = params.stride / 8u;
-    for (var r = 0u; r < 2u; r++) {
+    for (var r = 0u; r < 8u; r++) {
         let u = r * 256u + k;
-        let il = u / 32u;
-        let ul = u % 32u;
-        let row = t * HALF + il;
-        let col0 = b0 * 64u + ul * 8u;
+        let il = u / 64u;
+        let ul = u % 64u;
+        let row = t * LANES + il;
+        let col0 = (b0 * 8u + ul) * 8u;
         if row < first || row >= end || col0 >= params.stride {
             continue;
         }
-        let at = il * ROW + ul * 8u;
+        let ub = ul / 8u;
+        let slot = ub * SLOT_BLOCK + il;
+        let m = s_masks[slot];
+        let cw = s_codes[slot];
+        let info = s_meta[slot];
+        let rot = info & 63u;
+        let s = unpack2x16float(info >> 16u).x;
+        let base = (b0 + ub) * 64u;
         var v: array<f32, 8>;
         for (var j = 0u; j < 8u; j++) {
-            v[j] = tile[at + j];
+            let q = (col0 + j - base - rot) & 63u;
+            let upper = q >= 32u;
+            let half_mask = select(m.x, m.y, upper);
+            let tb = q & 31u;
+            let kept = ((half_mask >> tb) & 1u) == 1u && col0 + j < params.cols;
+            let step = countOneBits((half_mask >> tb) >> 1u);
+            let word = select(select(cw.x, cw.y, step >= 8u), select(cw.z, cw.w, step >= 8u), upper);
+            let nib = ((step & 7u) >> 1u) + ((step & 1u) << 2u);
+            let code = f32((word >> (4u * nib)) & 15u);
+            v[j] = select(0.0, fma(code, 2.0 * s, -15.0 * s), kept);
         }
         let o = (params.out_row0 + row - first) * per_row + col0 / 8u;
         if OUT_F32 {
