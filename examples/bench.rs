@@ -15,7 +15,8 @@
 //!
 //! `pp` and `tg` (ops `pp`, `tg`) are prompt processing and token generation on a synthetic model
 //! (`--model-size tiny|phi-4-mini|phi-4`), like llama-bench's pp512 / tg128: tok/s in `tok_s`.
-//! `--merge a.json b.json ...` prints one table from the JSON files of several machines.
+//! `--merge a.json b.json ...` prints one table from the JSON files of several machines, all their rows
+//! or those that `--ops` and `--shapes`, when given, select (copy, pp and tg rows have no matrix shape).
 //!
 //! Device limits: the copy buffers are capped at the adapter's largest storage binding (lavapipe: 128
 //! MiB; the row's variant says so), and an op whose buffers the device cannot hold (a vector over the
@@ -52,7 +53,8 @@ struct Args {
     /// Generated tokens of the tg row.
     #[arg(long, default_value_t = 128)]
     tg: usize,
-    /// Print one table from these JSON files (from --json runs on any machines) and exit.
+    /// Print one table from these JSON files (from --json runs on any machines) and exit; --ops and
+    /// --shapes, when given, select rows.
     #[arg(long, num_args = 1..)]
     merge: Vec<std::path::PathBuf>,
     /// Comma-separated shapes: N (N x N), RxC (rows x cols), `square` (512..5120), `phi4`.
@@ -84,6 +86,9 @@ struct Args {
     /// RNG seed for the weights.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Whether --ops and --shapes were on the command line (--merge filters only then).
+    #[arg(skip)]
+    given: (bool, bool),
 }
 
 const PHI4: &[(usize, usize)] = &[
@@ -840,8 +845,16 @@ fn print_table(rows: &[Row]) {
     }
 }
 
+fn op_list(args: &Args) -> Vec<&str> {
+    args.ops.split(',').map(str::trim).collect()
+}
+
 fn main() {
-    let args = Args::parse();
+    use clap::{parser::ValueSource, CommandFactory, FromArgMatches};
+    let matches = Args::command().get_matches();
+    let mut args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let given = |name| matches.value_source(name) == Some(ValueSource::CommandLine);
+    args.given = (given("ops"), given("shapes"));
     if let Err(e) = run(&args) {
         eprintln!("error: {e}");
         std::process::exit(1);
@@ -858,6 +871,14 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 .map_err(|e| format!("{}: not a bench JSON file: {e}", path.display()))?;
             rows.extend(more);
         }
+        let (ops, shapes) = (op_list(args), parse_shapes(&args.shapes)?);
+        let (ops_given, shapes_given) = args.given;
+        rows.retain(|r| {
+            (!ops_given || ops.contains(&r.op.as_str()))
+                && (!shapes_given
+                    || matches!(r.op.as_str(), "copy" | "pp" | "tg")
+                    || shapes.contains(&(r.rows, r.cols)))
+        });
         print_table(&rows);
         return Ok(());
     }
@@ -879,7 +900,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     let shapes = parse_shapes(&args.shapes)?;
-    let ops: Vec<&str> = args.ops.split(',').map(str::trim).collect();
+    let ops = op_list(args);
     let which = args.adapter.clone().unwrap_or_default().to_lowercase();
     let mut rows = Vec::new();
     let mut notes = Vec::new();

@@ -178,6 +178,20 @@ fn bench_writes_consistent_json_for_cpu_and_gpu() {
         table.contains("| spmv |") && table.contains("CPU path"),
         "{table}"
     );
+    // Every row of every file, then only those --ops and --shapes select.
+    let all: Vec<serde_json::Value> = files.iter().flat_map(|f| read_rows(f)).collect();
+    let body = |t: &str| t.lines().skip(2).filter(|l| l.starts_with('|')).count();
+    assert_eq!(body(&table), all.len(), "{table}");
+    merge.extend(["--ops", "copy,spmv,tg", "--shapes", "64x100"]);
+    let picked = run(&merge);
+    let want = all
+        .iter()
+        .filter(|r| matches!(r["op"].as_str(), Some("copy" | "spmv" | "tg")))
+        .count();
+    assert_eq!(body(&picked), want, "{picked}");
+    *merge.last_mut().unwrap() = "512";
+    let picked = run(&merge);
+    assert!(!picked.contains("| spmv |"), "{picked}");
     std::fs::remove_dir_all(&dir).ok();
 }
 
