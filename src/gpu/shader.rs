@@ -21,6 +21,8 @@ pub enum Kernel {
     RopeKv,
     KvStore,
     Attention,
+    AttentionSplit,
+    AttentionCombine,
     SiluMul,
     Add,
     Argmax,
@@ -67,7 +69,7 @@ impl Variant {
 use Binding::{Read, ReadWrite, Uniform};
 
 impl Kernel {
-    pub const ALL: [Kernel; 15] = [
+    pub const ALL: [Kernel; 17] = [
         Kernel::Copy,
         Kernel::Spmv,
         Kernel::Decompress,
@@ -79,6 +81,8 @@ impl Kernel {
         Kernel::RopeKv,
         Kernel::KvStore,
         Kernel::Attention,
+        Kernel::AttentionSplit,
+        Kernel::AttentionCombine,
         Kernel::SiluMul,
         Kernel::Add,
         Kernel::Argmax,
@@ -106,6 +110,8 @@ impl Kernel {
             Kernel::RopeKv => "rope_kv.wgsl",
             Kernel::KvStore => "kv_store.wgsl",
             Kernel::Attention => "attention.wgsl",
+            Kernel::AttentionSplit => "attention_split.wgsl",
+            Kernel::AttentionCombine => "attention_combine.wgsl",
             Kernel::SiluMul => "silu_mul.wgsl",
             Kernel::Add => "add.wgsl",
             Kernel::Argmax => "argmax.wgsl",
@@ -127,6 +133,8 @@ impl Kernel {
             Kernel::RopeKv => include_str!("../../wgsl/rope_kv.wgsl"),
             Kernel::KvStore => include_str!("../../wgsl/kv_store.wgsl"),
             Kernel::Attention => include_str!("../../wgsl/attention.wgsl"),
+            Kernel::AttentionSplit => include_str!("../../wgsl/attention_split.wgsl"),
+            Kernel::AttentionCombine => include_str!("../../wgsl/attention_combine.wgsl"),
             Kernel::SiluMul => include_str!("../../wgsl/silu_mul.wgsl"),
             Kernel::Add => include_str!("../../wgsl/add.wgsl"),
             Kernel::Argmax => include_str!("../../wgsl/argmax.wgsl"),
@@ -146,7 +154,10 @@ impl Kernel {
             Kernel::Rope => &[Uniform, ReadWrite, Read, Read, Read],
             Kernel::RopeKv => &[Uniform, ReadWrite, Read, Read, ReadWrite, ReadWrite, Read],
             Kernel::KvStore => &[Uniform, Read, ReadWrite, ReadWrite, Read],
-            Kernel::Attention => &[Uniform, Read, Read, Read, ReadWrite, Read],
+            Kernel::Attention | Kernel::AttentionSplit => {
+                &[Uniform, Read, Read, Read, ReadWrite, Read]
+            }
+            Kernel::AttentionCombine => &[Uniform, Read, ReadWrite, Read],
             Kernel::SiluMul => &[Uniform, Read, ReadWrite],
             Kernel::Add => &[Uniform, ReadWrite, Read],
             Kernel::Argmax => &[Uniform, Read, ReadWrite],
@@ -164,6 +175,7 @@ impl Kernel {
 pub fn library(name: &str) -> Option<&'static str> {
     match name {
         "team_sum.wgsl" => Some(include_str!("../../wgsl/lib/team_sum.wgsl")),
+        "attention_chunks.wgsl" => Some(include_str!("../../wgsl/lib/attention_chunks.wgsl")),
         _ => None,
     }
 }
