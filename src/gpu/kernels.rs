@@ -13,7 +13,9 @@ const SPMV_PARTIAL_BYTES: u32 = 4 * 32 * 32;
 
 /// spmv splits the rows of a tile over ROW_LANES = 2 workgroups up to this many tiles (6144 rows):
 /// 5120 rows (o_proj, down_proj of Phi-4) are 160 tiles for the 132 SMs of an H100, too few workgroups
-/// of 512 threads to keep every SM's memory pipe busy. Measured in BENCHMARKS.md.
+/// of 512 threads to keep every SM's memory pipe busy. There (H100, BENCHMARKS.md) 5120 x 17920 took
+/// 53.1 -> 50.3 us, with the SwiGLU prologue 55.4 -> 54.0, 5120 x 5120 18.5 -> 17.9; 4 workgroups a
+/// tile were slower at every Phi-4 shape.
 const SPMV_SPLIT_TILES: usize = 192;
 
 /// What a product does to its input while loading it (see wgsl/spmv.wgsl), in place of a launch
@@ -35,6 +37,15 @@ impl Prologue<'_> {
             Prologue::None => 0.0,
             Prologue::Norm { .. } => 1.0,
             Prologue::SwiGlu => 2.0,
+        }
+    }
+
+    /// spmv's STAGE_ROUNDS: x staged four rounds at a time only where a round has SwiGLU's work
+    /// (measured in wgsl/spmv.wgsl).
+    fn stage_rounds(&self) -> f64 {
+        match self {
+            Prologue::SwiGlu => 4.0,
+            _ => 1.0,
         }
     }
 }
@@ -149,6 +160,7 @@ impl Gpu {
                             ("TILE_BLOCKS", tile_blocks as f64),
                             ("PROLOGUE", prologue.mode()),
                             ("ROW_LANES", spmv_row_lanes(tiles, blocks, slices) as f64),
+                            ("STAGE_ROUNDS", prologue.stage_rounds()),
                         ],
                         tiles,
                     )
