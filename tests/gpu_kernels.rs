@@ -160,10 +160,7 @@ fn spmv_with_rows_split_over_workgroups_matches_the_reference() {
                 let w = Tensor::Sparse(SparseMatrix::random(rows, cols, 128, &mut rng).unwrap());
                 let x = random_x(&mut rng, cols);
                 let r = random_x(&mut rng, rows);
-                let what = format!(
-                    "{} spmv ROW_LANES={lanes} [{rows}, {cols}]",
-                    gpu.describe()
-                );
+                let what = format!("{} spmv ROW_LANES={lanes} [{rows}, {cols}]", gpu.describe());
                 let (want, tol) = reference_f64(&w, &x, None);
                 check(&what, &gpu_matvec(gpu, &w, &x, None), &want, &tol);
                 let mut cpu = vec![f32::NAN; rows];
@@ -180,7 +177,12 @@ fn spmv_with_rows_split_over_workgroups_matches_the_reference() {
                 let (xv, y) = (gpu.vector(&x).unwrap(), gpu.vector(&r).unwrap());
                 gpu.run(|pass| gpu.matvec(pass, &m, &xv, &y, Some(&y)))
                     .unwrap();
-                check(&format!("{what}, y += W x"), &gpu.read(&y).unwrap(), &want, &tol);
+                check(
+                    &format!("{what}, y += W x"),
+                    &gpu.read(&y).unwrap(),
+                    &want,
+                    &tol,
+                );
             }
         }
     }
@@ -193,7 +195,10 @@ fn spmv_with_rows_split_over_workgroups_matches_the_reference() {
             .run(|pass| gpu.matvec(pass, &m, &x, &y, None))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("ROW_LANES 3") && e.contains("use 1, 2, 4"), "{e}");
+        assert!(
+            e.contains("ROW_LANES 3") && e.contains("use 1, 2, 4"),
+            "{e}"
+        );
     }
 }
 
@@ -258,10 +263,11 @@ fn dense_gemv_matches_the_reference() {
 fn gemv_q4_matches_the_reference_with_any_chunks_in_flight() {
     // QUADS (chunks a lane loads per row and step) replaced: a main loop of 2 or 3 chunks a step and
     // the remainder loop after it; rows not a multiple of a workgroup's 64, both scale groups.
-    let mut rng = Rng::new(test_seed("gemv_q4_matches_the_reference_with_any_chunks_in_flight"));
-    for (quads, int_words) in [(1.0, 0.0), (2.0, 4.0), (3.0, 2.0)] {
-        let overrides = [("QUADS", quads), ("INT_WORDS", int_words)];
-        for gpu in &variants_with(LimitOverrides::default(), &overrides) {
+    let mut rng = Rng::new(test_seed(
+        "gemv_q4_matches_the_reference_with_any_chunks_in_flight",
+    ));
+    for quads in [1.0, 2.0, 3.0] {
+        for gpu in &variants_with(LimitOverrides::default(), &[("QUADS", quads)]) {
             for &(rows, cols) in &[(1, 64), (65, 200), (130, 2100), (3, 1000)] {
                 let d = dense(&mut rng, rows, cols);
                 let dw = Dense::f32(rows, cols, &d).unwrap();
@@ -270,7 +276,7 @@ fn gemv_q4_matches_the_reference_with_any_chunks_in_flight() {
                     let x = random_x(&mut rng, cols);
                     let r = random_x(&mut rng, rows);
                     let what = format!(
-                        "{} gemv_q4 QUADS={quads} INT_WORDS={int_words} [{rows}, {cols}] group {group}",
+                        "{} gemv_q4 QUADS={quads} [{rows}, {cols}] group {group}",
                         gpu.describe()
                     );
                     let (want, tol) = reference_f64(&w, &x, Some(&r));

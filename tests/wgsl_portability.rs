@@ -39,13 +39,8 @@ fn override_sets(k: Kernel) -> Vec<Vec<(&'static str, f64)>> {
         Kernel::Decompress => vec![vec![], vec![("OUT_F32", 1.0), ("GROUP_BLOCKS", 3.0)]],
         Kernel::GemvQ4 => vec![
             vec![],
-            vec![
-                ("GROUP_CHUNKS", 2.0),
-                ("RESIDUAL", 1.0),
-                ("QUADS", 2.0),
-                ("INT_WORDS", 4.0),
-            ],
-            vec![("INT_WORDS", 2.0), ("RESIDUAL", 2.0)],
+            vec![("GROUP_CHUNKS", 2.0), ("RESIDUAL", 1.0), ("QUADS", 2.0)],
+            vec![("QUADS", 3.0), ("RESIDUAL", 2.0)],
         ],
         Kernel::GemvF16 | Kernel::GemvF32 => vec![vec![], vec![("RESIDUAL", 2.0)]],
         Kernel::KvStore | Kernel::RopeKv | Kernel::Attention => vec![vec![], vec![("KV_F16", 0.0)]],

@@ -18,7 +18,9 @@
 // read x 8 times over (4 bytes of x from L1 per 0.5 byte of weights) and took 522 us for Phi-4's
 // 100352 x 5120 lm_head on an H100. QUADS chunks per row are loaded per step of the main loop.
 // Per weight: half a shift and a mask-or (two codes per f16 pair), one f16-to-f32 conversion, one
-// subtraction, one fma; per row and chunk a 16-byte code load and a scale.
+// subtraction, one fma; per row and chunk a 16-byte code load and a scale. On an H100 this takes
+// 139 us there (74% of copy); codes as f32 bit patterns (2^23 + c, no conversion but a shift and a
+// mask-or per code) took 148 us.
 // Row sums: every lane writes its 8 partial sums to workgroup memory; thread i < 64 adds row i's 32
 // in lane order (the same order in every variant; subgroups are not used).
 // Rows past the end of the chunk read the last row again and are never stored.
@@ -41,9 +43,6 @@ struct Params {
 override GROUP_CHUNKS: u32 = 1u; // 32-column chunks per scale group: 1 (group 32) or 2 (group 64)
 override RESIDUAL: u32 = 0u;
 override QUADS: u32 = 1u; // chunks per row in flight per step (Q4_QUADS in src/gpu/matrix.rs)
-// Words of each chunk (0..4, the first ones) whose codes become f32 by a bit pattern, 2^23 + c, instead
-// of an f16 conversion: a bench experiment on the conversion's issue rate.
-override INT_WORDS: u32 = 0u;
 const TEAM: u32 = 32u;
 const TEAM_ROWS: u32 = 8u;
 const ROWS: u32 = 64u;
@@ -78,36 +77,6 @@ fn load_chunk(k: u32) -> Chunk {
     return Chunk(x[b], x[b + 1u], x[b + 2u], x[b + 3u], x[b + 4u], x[b + 5u], x[b + 6u], x[b + 7u]);
 }
 
-// -15 * the sum of x over the INT_WORDS words of the chunk.
-fn int_offset(c: Chunk) -> f32 {
-    var s = 0.0;
-    if INT_WORDS > 0u {
-        s += dot(c.x0 + c.x1, vec4<f32>(1.0));
-    }
-    if INT_WORDS > 1u {
-        s += dot(c.x2 + c.x3, vec4<f32>(1.0));
-    }
-    if INT_WORDS > 2u {
-        s += dot(c.x4 + c.x5, vec4<f32>(1.0));
-    }
-    if INT_WORDS > 3u {
-        s += dot(c.x6 + c.x7, vec4<f32>(1.0));
-    }
-    return -15.0 * s;
-}
-
-// acc + sum over the 8 columns of word w of code * x, each code as f32 (2^23 + c) - 2^23, exact.
-fn word_codes(w: u32, a: vec4<f32>, b: vec4<f32>, acc: f32) -> f32 {
-    var s = acc;
-    for (var j = 0u; j < 4u; j++) {
-        let lo = bitcast<f32>(((w >> (4u * j)) & 0xFu) | 0x4B000000u) - 8388608.0;
-        let hi = bitcast<f32>(((w >> (4u * j + 16u)) & 0xFu) | 0x4B000000u) - 8388608.0;
-        s = fma(lo, a[j], s);
-        s = fma(hi, b[j], s);
-    }
-    return s;
-}
-
 // The levels 2c - 15 of the codes in bits 0..3 and 16..19 of w. Masked and or-ed with 0x6800, each
 // half is an f16 of exponent 11, whose step is 2: 2048 + 2c; the conversion and the subtraction are exact.
 fn levels(w: u32) -> vec2<f32> {
@@ -131,37 +100,15 @@ fn word_dot(w: u32, a: vec4<f32>, b: vec4<f32>, acc: f32) -> f32 {
     return fma(l3.y, b.w, s);
 }
 
-// Chunk k of `row` against x; `off` is int_offset(c).
-fn row_dot(row: u32, k: u32, c: Chunk, off: f32) -> f32 {
+// Chunk k of `row` against x.
+fn row_dot(row: u32, k: u32, c: Chunk) -> f32 {
     let q = codes[row * params.n32 + k];
     let g = k / GROUP_CHUNKS;
     let s = unpack2x16float(scales[row * params.ns2 + g / 2u])[g & 1u];
-    // t: sum of level * x over the f16 words; u: sum of code * x over the others (level = 2 code - 15).
-    var t = 0.0;
-    var u = 0.0;
-    if INT_WORDS > 0u {
-        u = word_codes(q.x, c.x0, c.x1, u);
-    } else {
-        t = word_dot(q.x, c.x0, c.x1, t);
-    }
-    if INT_WORDS > 1u {
-        u = word_codes(q.y, c.x2, c.x3, u);
-    } else {
-        t = word_dot(q.y, c.x2, c.x3, t);
-    }
-    if INT_WORDS > 2u {
-        u = word_codes(q.z, c.x4, c.x5, u);
-    } else {
-        t = word_dot(q.z, c.x4, c.x5, t);
-    }
-    if INT_WORDS > 3u {
-        u = word_codes(q.w, c.x6, c.x7, u);
-    } else {
-        t = word_dot(q.w, c.x6, c.x7, t);
-    }
-    if INT_WORDS > 0u {
-        t += fma(2.0, u, off);
-    }
+    var t = word_dot(q.x, c.x0, c.x1, 0.0);
+    t = word_dot(q.y, c.x2, c.x3, t);
+    t = word_dot(q.z, c.x4, c.x5, t);
+    t = word_dot(q.w, c.x6, c.x7, t);
     return s * t;
 }
 
@@ -173,9 +120,8 @@ struct Sums {
 
 fn team_chunk(lo: vec4<u32>, hi: vec4<u32>, k: u32, acc: Sums) -> Sums {
     let c = load_chunk(k);
-    let o = int_offset(c);
-    let a = vec4<f32>(row_dot(lo.x, k, c, o), row_dot(lo.y, k, c, o), row_dot(lo.z, k, c, o), row_dot(lo.w, k, c, o));
-    let b = vec4<f32>(row_dot(hi.x, k, c, o), row_dot(hi.y, k, c, o), row_dot(hi.z, k, c, o), row_dot(hi.w, k, c, o));
+    let a = vec4<f32>(row_dot(lo.x, k, c), row_dot(lo.y, k, c), row_dot(lo.z, k, c), row_dot(lo.w, k, c));
+    let b = vec4<f32>(row_dot(hi.x, k, c), row_dot(hi.y, k, c), row_dot(hi.z, k, c), row_dot(hi.w, k, c));
     return Sums(acc.lo + a, acc.hi + b);
 }
 

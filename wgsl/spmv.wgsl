@@ -33,8 +33,8 @@
 // workgroup index i taking rows (i % ROW_LANES) * R .. + R. Thread (lane = index % 32, slice = index / 32)
 // sums row lane % R of them over share slice * ROW_LANES + lane / R of the SLICES * ROW_LANES equal runs
 // of blocks; a row's shares are added in share order (deterministic). ROW_LANES > 1 spreads a product
-// with few row tiles (5120 rows: 160 tiles for 132 SMs on an H100) over more workgroups, each staging
-// the whole x for a part of the rows (so the norm factor still sees all of x).
+// with few row tiles and long rows (5120 x 17920: 160 tiles for 132 SMs on an H100) over more
+// workgroups, each staging the whole x for a part of the rows (so the norm factor still sees all of x).
 // x is staged in workgroup memory TILE_BLOCKS blocks at a time, block k of the tile at xs[64 k ..]; half
 // B's columns wrap inside the block ((rot + 32 + p) & 63). A warp's 32 lanes read at most 2 distinct
 // words per bank. (Blocks of 96 or 128 words, x repeated so that no column wraps, save one integer op

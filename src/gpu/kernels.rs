@@ -12,11 +12,16 @@ use super::transformer::word;
 const SPMV_PARTIAL_BYTES: u32 = 4 * 32 * 32;
 
 /// spmv splits the rows of a tile over ROW_LANES = 2 workgroups up to this many tiles (6144 rows):
-/// 5120 rows (o_proj, down_proj of Phi-4) are 160 tiles for the 132 SMs of an H100, too few workgroups
-/// of 512 threads to keep every SM's memory pipe busy. There (H100, BENCHMARKS.md) 5120 x 17920 took
-/// 53.1 -> 50.3 us, with the SwiGLU prologue 55.4 -> 54.0, 5120 x 5120 18.5 -> 17.9; 4 workgroups a
-/// tile were slower at every Phi-4 shape.
+/// 5120 rows (down_proj of Phi-4) are 160 tiles for the 132 SMs of an H100, too few workgroups of 512
+/// threads to keep every SM's memory pipe busy. There (H100, BENCHMARKS.md) 5120 x 17920 took 52.9 ->
+/// 49.9 us, with the SwiGLU prologue 55.6 -> 54.4; at 7680 rows (240 tiles) 2 were slower (18.5 ->
+/// 20.8 us), and 4 workgroups a tile were slower at every Phi-4 shape.
 const SPMV_SPLIT_TILES: usize = 192;
+
+/// Blocks a share must have on average for spmv to split the rows: at 5120 columns (80 blocks, 2.5 a
+/// share) the bench was within its noise (18.1 -> 17.7 us) and o_proj in the decode pass was slower
+/// (22.6 -> 23.3 us each).
+const SPMV_SPLIT_SHARE_BLOCKS: usize = 4;
 
 /// What a product does to its input while loading it (see wgsl/spmv.wgsl), in place of a launch
 /// before it.
@@ -64,9 +69,9 @@ impl GpuMatrix {
 }
 
 /// spmv's ROW_LANES: 2 for a product of at most [`SPMV_SPLIT_TILES`] row tiles whose rows have blocks
-/// enough for each of the 2 * `slices` shares to walk at least two, else 1.
+/// enough for each of the 2 * `slices` shares to walk [`SPMV_SPLIT_SHARE_BLOCKS`], else 1.
 fn spmv_row_lanes(tiles: usize, blocks: usize, slices: u32) -> u32 {
-    if tiles <= SPMV_SPLIT_TILES && blocks >= 4 * slices as usize {
+    if tiles <= SPMV_SPLIT_TILES && blocks >= SPMV_SPLIT_SHARE_BLOCKS * 2 * slices as usize {
         2
     } else {
         1
