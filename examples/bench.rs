@@ -4,14 +4,20 @@
 //! ```sh
 //! cargo run --release --example bench -- --list
 //! cargo run --release --example bench -- --ops copy,spmv,gemv_f16,decompress --shapes square,phi4 --json out.json
+//! cargo run --release --example bench -- --ops gemv_q4 --shapes 100352x5120 --spmv-set "QUADS=1;QUADS=2"
 //! ```
 //!
 //! Times are GPU timestamps around each dispatch (its own compute pass) where the adapter has
 //! timestamp queries, wall clock over a batch otherwise (the `timing` column says which); the figure is
 //! the median of `--runs`. Weight copies are rotated so that each run reads weights that are not in
 //! the cache (at least 256 MB of them, at most 256 copies). GB/s counts the codec's stored bytes (spmv:
-//! the file's 25 bytes per 64 weights; gemv_f16: 2 bytes a weight; decompress: compressed bytes read
-//! plus f16 bytes written; copy: bytes read plus written). % copy compares with the copy kernel.
+//! the file's 25 bytes per 64 weights; gemv_f16: 2 bytes a weight; gemv_q4: 4.5 bits a weight, the
+//! scale per 32 included; decompress: compressed bytes read plus f16 bytes written; copy: bytes read
+//! plus written). % copy compares with the copy kernel.
+//!
+//! `spmv_norm` and `spmv_swiglu` are the fused products of a decode step: RMSNorm of x staged with it
+//! (qkv, gate_up), and silu(gate) * up of a 2 * cols input staged with it plus the residual add in
+//! place (down). `gemv_q4` is the q4 codec (group 32), Phi-4's lm_head at 100352 x 5120.
 //!
 //! `pp` and `tg` (ops `pp`, `tg`) are prompt processing and token generation on a synthetic model
 //! (`--model-size tiny|phi-4-mini|phi-4`), like llama-bench's pp512 / tg128: tok/s in `tok_s`.
@@ -28,8 +34,10 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use half::f16;
 use rayon::prelude::*;
-use upg::format::{DenseF16, SparseMatrix, Tensor};
-use upg::gpu::{DenseKind, Gpu, GpuMatrix, GpuOptions, GpuVector};
+use upg::format::{Codec, DenseF16, SparseMatrix, Tensor};
+use upg::gpu::{DenseKind, Gpu, GpuMatrix, GpuOptions, GpuVector, Prologue};
+use upg::model::synthetic::random_tensor;
+use upg::model::CodecPlan;
 use upg::rng::Rng;
 
 #[derive(Parser, Debug)]
@@ -41,7 +49,7 @@ struct Args {
     /// Adapter name substring, `all` for every adapter, or `cpu` for the CPU path.
     #[arg(long)]
     adapter: Option<String>,
-    /// Comma-separated: copy, spmv, gemv_f16, decompress, pp, tg.
+    /// Comma-separated: copy, spmv, spmv_norm, spmv_swiglu, gemv_f16, gemv_q4, decompress, pp, tg.
     #[arg(long, default_value = "copy,spmv,gemv_f16,decompress,pp,tg")]
     ops: String,
     /// Synthetic model of the pp / tg rows: tiny, phi-4-mini or phi-4.
@@ -69,8 +77,9 @@ struct Args {
     /// Turn off wgpu's shader bounds checks and loop bounding.
     #[arg(long)]
     unchecked: bool,
-    /// spmv configurations to compare, `;`-separated, each a `,`-separated list of NAME=VALUE
-    /// override constants of spmv.wgsl (e.g. "SLICES=4;SLICES=8,CODES=1"); empty = the launcher's.
+    /// Configurations to compare in the spmv, spmv_norm, spmv_swiglu and gemv_q4 rows, `;`-separated,
+    /// each a `,`-separated list of NAME=VALUE override constants of spmv.wgsl or gemv_q4.wgsl (e.g.
+    /// "SLICES=4;SLICES=8,ROW_LANES=2"), each applied where declared; empty = the launcher's.
     #[arg(long)]
     spmv_set: Option<String>,
     /// Size of the copy buffers in MiB (capped at the device's largest storage binding; 256 on the
@@ -99,6 +108,8 @@ const PHI4: &[(usize, usize)] = &[
     (100352, 5120),
 ];
 const SQUARE: &[usize] = &[512, 1024, 2048, 5120];
+/// The ops that `--spmv-set` configurations apply to.
+const SET_OPS: &[&str] = &["spmv", "spmv_norm", "spmv_swiglu", "gemv_q4"];
 /// Weight bytes each measurement rotates through, so that the 50 MB L2 of an H100 serves none.
 const ROTATE_BYTES: usize = 256 << 20;
 
@@ -525,6 +536,59 @@ impl Bench<'_> {
                 )?;
                 Ok(())
             }
+            "spmv_norm" => {
+                let ws = uploads(gpu, sparse)?;
+                let n = ws.len();
+                let g = gpu.vector(&(0..cols).map(|_| rng.range(0.5, 1.5)).collect::<Vec<_>>())?;
+                let prologue = Prologue::Norm {
+                    weight: &g,
+                    eps: 1e-5,
+                };
+                self.measure(
+                    gpu,
+                    op,
+                    label.into(),
+                    shape,
+                    sparse.stored_bytes() as u64,
+                    n,
+                    |pass, i| gpu.matvec_fused(pass, &ws[i % n], &x, &y, None, prologue),
+                )?;
+                Ok(())
+            }
+            "spmv_swiglu" => {
+                check_fits(gpu, &[("gate_up", vec_bytes(2 * cols))])?;
+                let ws = uploads(gpu, sparse)?;
+                let n = ws.len();
+                let gate_up = gpu.vector(&rng.normal_vec(2 * cols, 1.0))?;
+                self.measure(
+                    gpu,
+                    op,
+                    label.into(),
+                    shape,
+                    sparse.stored_bytes() as u64,
+                    n,
+                    |pass, i| {
+                        gpu.matvec_fused(pass, &ws[i % n], &gate_up, &y, Some(&y), Prologue::SwiGlu)
+                    },
+                )?;
+                Ok(())
+            }
+            "gemv_q4" => {
+                let plan = CodecPlan::compressed();
+                let w = random_tensor(rows, cols, Codec::Q4, 0.02, self.args.seed, &plan);
+                let ws = uploads(gpu, &w)?;
+                let n = ws.len();
+                self.measure(
+                    gpu,
+                    op,
+                    label.into(),
+                    shape,
+                    w.stored_bytes() as u64,
+                    n,
+                    |pass, i| gpu.matvec(pass, &ws[i % n], &x, &y, None),
+                )?;
+                Ok(())
+            }
             "gemv_f16" => {
                 let w = random_f16(rows, cols, self.args.seed);
                 let ws = uploads(gpu, &w)?;
@@ -557,7 +621,7 @@ impl Bench<'_> {
                 Ok(())
             }
             other => {
-                eprintln!("unknown op '{other}' (use copy, spmv, gemv_f16, decompress)");
+                eprintln!("unknown op '{other}' (use copy, spmv, spmv_norm, spmv_swiglu, gemv_f16, gemv_q4, decompress, pp, tg)");
                 Ok(())
             }
         }
@@ -588,7 +652,7 @@ fn options(
             .then(|| adapter.to_string())
             .or(env.adapter),
         runtime_checks: !args.unchecked,
-        spmv_overrides: spmv.to_vec(),
+        overrides: spmv.to_vec(),
         limits: upg::gpu::LimitOverrides {
             max_binding_bytes: args
                 .max_binding_kib
@@ -644,7 +708,7 @@ fn bench_gpu(
         let sparse = Tensor::Sparse(SparseMatrix::random(shape.0, shape.1, 128, &mut rng)?);
         for &op in ops.iter().filter(|&&o| !matches!(o, "copy" | "pp" | "tg")) {
             let what = format!("{op} {}x{}", shape.0, shape.1);
-            if op == "spmv" && !others.is_empty() {
+            if SET_OPS.contains(&op) && !others.is_empty() {
                 for (set, g) in &others {
                     let done = bench.op(g, op, shape, &sparse, &format!("{checks} {set}"));
                     bench.settle(&what, done)?;
@@ -674,7 +738,7 @@ fn bench_model<B: upg::model::Backend>(
     device: &Device,
     backend: B,
 ) -> Result<Vec<Row>, Box<dyn std::error::Error>> {
-    use upg::model::{synthetic, CodecPlan, Config, Phi3, Sampler};
+    use upg::model::{synthetic, Config, Phi3, Sampler};
     let config = Config::preset(&args.model_size)?;
     let weights = synthetic(&config, args.seed, &CodecPlan::compressed());
     let bytes = weights.stored_bytes() as u64;

@@ -682,20 +682,35 @@ fn gpu_queued_greedy_embeds_the_pick_on_the_device() {
 fn gpu_fused_ops_match_f64_over_x_tiles_and_slices() {
     // x staged 2 blocks at a time by 4 slices: the norm's sum of squares spans several x tiles; 8 KiB
     // bindings split the larger matrices into row chunks, each its own launch with its own norm factor.
-    let opts = upg::gpu::GpuOptions {
-        spmv_overrides: vec![("TILE_BLOCKS".into(), 2.0), ("SLICES".into(), 4.0)],
-        limits: upg::gpu::LimitOverrides {
-            max_binding_bytes: Some(8192),
-            ..Default::default()
-        },
-        ..upg::gpu::GpuOptions::default()
-    };
-    let Some(gpu) = upg::gpu::gpu_or_skip(opts) else {
-        return;
-    };
+    // With ROW_LANES 2 and 4, each tile's rows go to several workgroups, each with its own norm factor
+    // over all of x, and each row's blocks to 2 or 8 shares. One slice of 32 threads stages up to 16
+    // blocks (240 vec4 at 960 columns) four rounds at a time and then the rest; STAGE_ROUNDS 1 one
+    // round at a time.
     let mut rng = Rng::new(test_seed("gpu_fused_ops_match_f64_over_x_tiles_and_slices"));
-    let mut b = upg::model::GpuBackend::new(gpu, false).unwrap();
-    check_fused(&mut b, &mut rng);
+    for (lanes, slices, tile_blocks, rounds) in [
+        (1.0, 4.0, 2.0, 4.0),
+        (2.0, 1.0, 16.0, 4.0),
+        (4.0, 2.0, 8.0, 1.0),
+    ] {
+        let opts = upg::gpu::GpuOptions {
+            overrides: vec![
+                ("TILE_BLOCKS".into(), tile_blocks),
+                ("SLICES".into(), slices),
+                ("ROW_LANES".into(), lanes),
+                ("STAGE_ROUNDS".into(), rounds),
+            ],
+            limits: upg::gpu::LimitOverrides {
+                max_binding_bytes: Some(8192),
+                ..Default::default()
+            },
+            ..upg::gpu::GpuOptions::default()
+        };
+        let Some(gpu) = upg::gpu::gpu_or_skip(opts) else {
+            return;
+        };
+        let mut b = upg::model::GpuBackend::new(gpu, false).unwrap();
+        check_fused(&mut b, &mut rng);
+    }
 }
 
 #[test]

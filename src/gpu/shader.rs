@@ -93,7 +93,16 @@ impl Kernel {
     /// bounding (a counter and a branch per iteration, against GPU hangs) can be left out: on an H100
     /// it made spmv 25-35% slower (BENCHMARKS.md).
     pub fn loops_end(self) -> bool {
-        matches!(self, Kernel::Spmv | Kernel::Decompress)
+        matches!(self, Kernel::Spmv | Kernel::Decompress | Kernel::GemvQ4)
+    }
+
+    /// Whether the file declares the override constant `name`.
+    pub fn declares(self, name: &str) -> bool {
+        self.source().lines().any(|l| {
+            l.trim_start()
+                .strip_prefix("override ")
+                .is_some_and(|r| r.split([':', ' ', '=']).next() == Some(name))
+        })
     }
 
     /// The file name in `wgsl/`.
