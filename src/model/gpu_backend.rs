@@ -12,6 +12,9 @@ use super::sampler::Sampler;
 use crate::format::Tensor;
 use crate::gpu::{AttentionDims, Gpu, GpuError, GpuMatrix, GpuVector, Prologue};
 
+/// The most positions one pass takes (see [`Backend::max_batch`]).
+const MAX_BATCH: usize = 512;
+
 pub struct GpuBackend {
     gpu: Gpu,
     /// KV cache as f16 pairs (half the memory and traffic) or f32 (the exact path).
@@ -212,6 +215,26 @@ fn product_label(what: &str, w: &GpuMatrix) -> String {
     format!("{what} {:?} {}x{}", w.codec, w.rows, w.cols)
 }
 
+/// y = W x for n rows (y += W x with `add`): one vector through the decode kernels, a batch through
+/// spmm.wgsl.
+fn product(
+    gpu: &Gpu,
+    pass: &mut wgpu::ComputePass<'static>,
+    w: &GpuMatrix,
+    x: &GpuVector,
+    y: &GpuVector,
+    n: usize,
+    add: bool,
+) -> crate::gpu::Result<()> {
+    let (x, y) = (view(x, n * w.cols), view(y, n * w.rows));
+    let residual = add.then_some(&y);
+    if n == 1 {
+        gpu.matvec(pass, w, &x, &y, residual)
+    } else {
+        gpu.matmat(pass, w, &x, &y, n, residual)
+    }
+}
+
 /// A view of `len` values of a device buffer (the kernels check lengths against matrix shapes).
 fn view(v: &GpuVector, len: usize) -> GpuVector {
     GpuVector {
@@ -273,8 +296,13 @@ impl Backend for GpuBackend {
     }
 
     fn max_batch(&self) -> usize {
-        // matvec takes one vector; batched prefill waits for a sparse x dense-batch kernel.
-        1
+        // Batches go through spmm.wgsl where the device has its workgroup memory; the cap keeps the
+        // one-dimensional launches over rows (rmsnorm, attention's rows x heads) inside 65535.
+        if self.gpu.spmm_rows_per_thread().is_some() {
+            MAX_BATCH
+        } else {
+            1
+        }
     }
 
     fn embed(&mut self, table: &GpuMatrix, tokens: &[u32], out: &mut GpuVector) {
@@ -293,29 +321,14 @@ impl Backend for GpuBackend {
     fn matmul(&mut self, w: &GpuMatrix, x: &GpuVector, y: &mut GpuVector, n: usize) {
         self.record(
             || product_label("matmul", w),
-            |gpu, pass| {
-                if n != 1 {
-                    return Err(GpuError::Shape(format!(
-                        "matmul of {n} vectors; this backend takes 1"
-                    )));
-                }
-                gpu.matvec(pass, w, &view(x, w.cols), &view(y, w.rows), None)
-            },
+            |gpu, pass| product(gpu, pass, w, x, y, n, false),
         );
     }
 
     fn matmul_add(&mut self, w: &GpuMatrix, x: &GpuVector, y: &mut GpuVector, n: usize) {
         self.record(
             || product_label("matmul+add", w),
-            |gpu, pass| {
-                if n != 1 {
-                    return Err(GpuError::Shape(format!(
-                        "matmul of {n} vectors; this backend takes 1"
-                    )));
-                }
-                let y = view(y, w.rows);
-                gpu.matvec(pass, w, &view(x, w.cols), &y, Some(&y))
-            },
+            |gpu, pass| product(gpu, pass, w, x, y, n, true),
         );
     }
 
