@@ -13,6 +13,7 @@
 //! the file's 25 bytes per 64 weights; gemv_f16: 2 bytes a weight; decompress: compressed bytes read
 //! plus f16 bytes written; copy: bytes read plus written). % copy compares with the copy kernel.
 //!
+//! `spmm` is the batched product of prefill at `--batch` x rows (tok/s: rows of x per second).
 //! `pp` and `tg` (ops `pp`, `tg`) are prompt processing and token generation on a synthetic model
 //! (`--model-size tiny|phi-4-mini|phi-4`), like llama-bench's pp512 / tg128: tok/s in `tok_s`.
 //! `--merge a.json b.json ...` prints one table from the JSON files of several machines.
@@ -35,9 +36,15 @@ struct Args {
     /// Adapter name substring, `all` for every adapter, or `cpu` for the CPU path.
     #[arg(long)]
     adapter: Option<String>,
-    /// Comma-separated: copy, spmv, gemv_f16, decompress, pp, tg.
+    /// Comma-separated: copy, spmv, gemv_f16, decompress, spmm, pp, tg.
     #[arg(long, default_value = "copy,spmv,gemv_f16,decompress,pp,tg")]
     ops: String,
+    /// Comma-separated batch sizes (rows of x) of the spmm op.
+    #[arg(long, default_value = "64,512")]
+    batch: String,
+    /// Also run spmm on a device limited to this many KiB of workgroup memory (32: 4 rows a thread).
+    #[arg(long)]
+    spmm_storage: Option<u32>,
     /// Synthetic model of the pp / tg rows: tiny, phi-4-mini or phi-4.
     #[arg(long, default_value = "tiny")]
     model_size: String,
@@ -436,8 +443,34 @@ impl Bench<'_> {
                     |pass, i| gpu.decompress(pass, &ws[i % n], &out),
                 )
             }
+            "spmm" => {
+                let ws = uploads(gpu, sparse)?;
+                let n = ws.len();
+                let tm = gpu.spmm_rows_per_thread().unwrap_or(0);
+                for batch in self.args.batch.split(',').map(|b| b.trim().parse::<usize>()) {
+                    let batch = batch.map_err(|e| upg::gpu::GpuError::Shape(format!("--batch: {e}")))?;
+                    let x = gpu.vector(&rng.normal_vec(batch * cols, 1.0))?;
+                    let y = gpu.zeros(batch * rows)?;
+                    self.measure(
+                        gpu,
+                        op,
+                        format!("{label} n={batch} tm={tm}"),
+                        shape,
+                        sparse.stored_bytes() as u64,
+                        n,
+                        |pass, i| gpu.matmat(pass, &ws[i % n], &x, &y, batch, None),
+                    )?;
+                    if let Some(r) = self.rows.last_mut() {
+                        r.tok_s = Some(batch as f64 * 1e6 / r.median_us);
+                        // Kept weights (half) times rows of x, two flops each.
+                        let tflops = (rows * cols * batch) as f64 / r.median_us / 1e6;
+                        eprintln!("    spmm n={batch}: {tflops:.2} TFLOP/s of kept weights");
+                    }
+                }
+                Ok(())
+            }
             other => {
-                eprintln!("unknown op '{other}' (use copy, spmv, gemv_f16, decompress)");
+                eprintln!("unknown op '{other}' (use copy, spmv, gemv_f16, decompress, spmm)");
                 Ok(())
             }
         }
@@ -495,6 +528,14 @@ fn bench_gpu(
             Gpu::new(&options(args, adapter, &spmv)?)?,
         ));
     }
+    let small = match (ops.contains(&"spmm"), args.spmm_storage) {
+        (true, Some(kib)) => {
+            let mut opts = options(args, adapter, &[])?;
+            opts.limits.max_workgroup_storage_bytes = Some(kib << 10);
+            Some((format!("{kib} KiB"), Gpu::new(&opts)?))
+        }
+        _ => None,
+    };
     let checks = if args.unchecked {
         "unchecked"
     } else {
@@ -513,7 +554,12 @@ fn bench_gpu(
         let mut rng = Rng::new(args.seed);
         let sparse = Tensor::Sparse(SparseMatrix::random(shape.0, shape.1, 128, &mut rng)?);
         for &op in ops.iter().filter(|&&o| !matches!(o, "copy" | "pp" | "tg")) {
-            if op == "spmv" && !others.is_empty() {
+            if op == "spmm" {
+                bench.op(&gpu, op, shape, &sparse, checks)?;
+                if let Some((set, g)) = &small {
+                    bench.op(g, op, shape, &sparse, &format!("{checks} {set}"))?;
+                }
+            } else if op == "spmv" && !others.is_empty() {
                 for (set, g) in &others {
                     bench.op(g, op, shape, &sparse, &format!("{checks} {set}"))?;
                 }
@@ -573,7 +619,9 @@ fn bench_model<B: upg::model::Backend>(
         );
         rows.push(r);
     };
-    // One untimed pass builds the pipelines.
+    // Untimed passes build the pipelines of a batch and of a single position.
+    model.forward(&tokens(2))?;
+    model.sample(&mut Sampler::greedy())?;
     model.forward(&tokens(1))?;
     model.sample(&mut Sampler::greedy())?;
     if ops.contains(&"pp") {

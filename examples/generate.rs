@@ -84,6 +84,9 @@ struct Args {
     /// Prompt length in tokens for --synthetic runs (random ids).
     #[arg(long, default_value_t = 32)]
     prompt_len: usize,
+    /// Prompt positions per pass (the backend may allow fewer).
+    #[arg(long, default_value_t = upg::model::phi3::PREFILL_BATCH)]
+    batch: usize,
 }
 
 fn main() -> ExitCode {
@@ -180,7 +183,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     match pick_gpu(args.backend)? {
         Some(gpu) => {
             let backend = GpuBackend::new(gpu, kv_f16)?;
-            let model = Phi3::new(config, weights, backend, ctx)?;
+            let model = Phi3::with_batch(config, weights, backend, ctx, args.batch)?;
             decode(
                 model,
                 &args,
@@ -191,7 +194,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             )
         }
         None => {
-            let model = Phi3::new(config, weights, Cpu::new(), ctx)?;
+            let model = Phi3::with_batch(config, weights, Cpu::new(), ctx, args.batch)?;
             decode(
                 model,
                 &args,

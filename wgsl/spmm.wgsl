@@ -11,15 +11,18 @@
 // 4 TM FMAs. That is twice the FMAs of the kept weights, at close to the full FMA rate.
 //
 // Per 64-column block b of W (blocks = ceil(cols / 64)), a workgroup
-//   1. stages x[its 64 tokens][block b] in xs as [column][token] vec4s of 4 tokens: vec4 v of column c
-//      at slot v ^ (c & 15), so that both the staging (along columns) and the product (along tokens)
-//      touch every bank once per 8 lanes; tokens >= n and columns >= cols are staged as 0;
+//   1. stages x[its 64 tokens][block b] in xs as [column][token], vec4s of 4 tokens: thread li stages
+//      token vec4 li % 16 of columns li / 16 + 16 j, so that 8 neighbouring lanes write one 128-byte row
+//      of xs (no bank conflict) and the product reads it the same way; tokens >= n and columns >= cols
+//      are staged as 0;
 //   2. decodes W[its BM rows][block b] into ws as [column][row]: thread (r = li % BM, h = li / BM), h < 2,
-//      writes the 32 columns of half h of row r. Sparse (CODEC 0): the rotated mask half h of spmv.wgsl's
-//      GPU layout (its columns (rot + 32 h + p) & 63), zeros first, then its 16 kept weights in spmv's
-//      walk order, value = scale * (2 code - 15) (exact in f32). Dense: columns 32 h .. 32 h + 31;
+//      writes the 32 columns of half h of row r. Sparse (CODEC 0): ws is zeroed first (16-byte stores,
+//      then a barrier), then the thread stores the 16 kept weights of the rotated mask half h of
+//      spmv.wgsl's GPU layout (columns (rot + 32 h + p) & 63) in spmv's walk order, value = scale *
+//      (2 code - 15), exact in f32. Dense: columns 32 h .. 32 h + 31, zeros included;
 //   3. multiplies: thread (m = li / 16, q = li % 16) accumulates rows TM m .. TM m + TM - 1 of the tile
-//      for tokens 4 q .. 4 q + 3 over the block's 64 columns, in column order (deterministic).
+//      for tokens 4 q .. 4 q + 3 over the block's 64 columns, in column order (deterministic): per
+//      column one 16-byte x load and TM / 4 W loads at fixed offsets, and 4 TM FMAs.
 // The sparse records and the x values of block b + 1 are loaded into registers before the product of
 // block b, so that their memory latency overlaps it. W values of padding columns (sparse top-up
 // weights, q4 padding) meet staged zeros.
@@ -76,7 +79,7 @@ const WG: u32 = 256u;
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
 @group(0) @binding(7) var<storage, read> res: array<f32>;
 
-var<workgroup> xs: array<vec4<f32>, 1024>;     // [64 columns][16 token vec4s], swizzled (see the top)
+var<workgroup> xs: array<vec4<f32>, 1024>;     // [64 columns][16 token vec4s]
 var<workgroup> ws: array<vec4<f32>, TM * 256u>; // [64 columns][BM rows] as vec4s of 4 rows
 
 // One block of the sparse layout for thread (r, h): its mask half, the half's two code words, the
@@ -90,7 +93,7 @@ struct Record {
     live: bool,
 }
 
-// x[tokens 4 v .. 4 v + 3][col] for the thread's staging column, v = li / 64 + 4 j.
+// x[the thread's 4 staging tokens][its staging column li / 16 + 16 j] for j = 0 .. 3.
 struct Staged {
     v0: vec4<f32>,
     v1: vec4<f32>,
@@ -98,36 +101,40 @@ struct Staged {
     v3: vec4<f32>,
 }
 
+// Where the thread's 4 staging tokens start in x (their rows times cols), and which of them exist.
+struct Tokens {
+    base: vec4<u32>,
+    live: vec4<bool>,
+}
+
 fn bm() -> u32 {
     return 16u * TM;
 }
 
-fn x_at(t: u32, c: u32) -> f32 {
-    if t < params.n && c < params.cols {
-        return x[t * params.cols + c];
+fn staging_tokens(tok0: u32, li: u32) -> Tokens {
+    let t = vec4<u32>(tok0 + 4u * (li % 16u)) + vec4<u32>(0u, 1u, 2u, 3u);
+    let live = t < vec4<u32>(params.n);
+    return Tokens(select(vec4<u32>(0u), t * params.cols, live), live);
+}
+
+fn x_vec(tk: Tokens, c: u32) -> vec4<f32> {
+    if c >= params.cols {
+        return vec4<f32>(0.0);
     }
-    return 0.0;
+    let v = vec4<f32>(x[tk.base.x + c], x[tk.base.y + c], x[tk.base.z + c], x[tk.base.w + c]);
+    return select(vec4<f32>(0.0), v, tk.live);
 }
 
-fn x_vec(t0: u32, c: u32) -> vec4<f32> {
-    return vec4<f32>(x_at(t0, c), x_at(t0 + 1u, c), x_at(t0 + 2u, c), x_at(t0 + 3u, c));
-}
-
-fn load_x(tok0: u32, b: u32, li: u32) -> Staged {
-    let c = b * 64u + li % 64u;
-    let t = tok0 + 4u * (li / 64u);
-    return Staged(x_vec(t, c), x_vec(t + 16u, c), x_vec(t + 32u, c), x_vec(t + 48u, c));
+fn load_x(tk: Tokens, b: u32, li: u32) -> Staged {
+    let c = b * 64u + li / 16u;
+    return Staged(x_vec(tk, c), x_vec(tk, c + 16u), x_vec(tk, c + 32u), x_vec(tk, c + 48u));
 }
 
 fn store_x(s: Staged, li: u32) {
-    let c = li % 64u;
-    let v = li / 64u;
-    let base = c * 16u;
-    let sw = c & 15u;
-    xs[base + (v ^ sw)] = s.v0;
-    xs[base + ((v + 4u) ^ sw)] = s.v1;
-    xs[base + ((v + 8u) ^ sw)] = s.v2;
-    xs[base + ((v + 12u) ^ sw)] = s.v3;
+    xs[li] = s.v0;
+    xs[li + 256u] = s.v1;
+    xs[li + 512u] = s.v2;
+    xs[li + 768u] = s.v3;
 }
 
 fn put(col: u32, r: u32, v: f32) {
@@ -169,15 +176,10 @@ fn walk8(mask: u32, w: u32, base: u32, r: u32, scale: f32) -> u32 {
     return m;
 }
 
+// The kept weights of the thread's half into the zeroed ws.
 fn decode_sparse(rec: Record, r: u32, h: u32) {
-    if h >= 2u {
-        return;
-    }
-    let base = rec.rot + 32u * h;
-    for (var p = 0u; p < 32u; p++) {
-        put((base + p) & 63u, r, 0.0);
-    }
-    if rec.live {
+    if h < 2u && rec.live {
+        let base = rec.rot + 32u * h;
         let m = walk8(rec.mask, rec.c0, base, r, rec.scale);
         walk8(m, rec.c1, base, r, rec.scale);
     }
@@ -274,24 +276,29 @@ fn main(
     if CODEC == 0u && params.blocks > 0u {
         rec = load_record(rg, 0u, r, h);
     }
-    var staged = load_x(tok0, 0u, li);
+    let tk = staging_tokens(tok0, li);
+    var staged = load_x(tk, 0u, li);
     for (var b = 0u; b < params.blocks; b++) {
         workgroupBarrier();
         store_x(staged, li);
         if CODEC == 0u {
+            for (var j = 0u; j < TM; j++) {
+                ws[li + 256u * j] = vec4<f32>(0.0);
+            }
+            workgroupBarrier();
             decode_sparse(rec, r, h);
         } else {
             decode_dense(rg, b, r, h);
         }
         if b + 1u < params.blocks {
-            staged = load_x(tok0, b + 1u, li);
+            staged = load_x(tk, b + 1u, li);
             if CODEC == 0u {
                 rec = load_record(rg, b + 1u, r, h);
             }
         }
         workgroupBarrier();
         for (var k = 0u; k < 64u; k++) {
-            let xv = xs[k * 16u + (q ^ (k & 15u))];
+            let xv = xs[k * 16u + q];
             let wa = ws[k * wrow + wq];
             a0 = fma(vec4<f32>(wa.x), xv, a0);
             a1 = fma(vec4<f32>(wa.y), xv, a1);
