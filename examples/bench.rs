@@ -42,9 +42,6 @@ struct Args {
     /// Comma-separated batch sizes (rows of x) of the spmm op.
     #[arg(long, default_value = "64,512")]
     batch: String,
-    /// Also run spmm on a device limited to this many KiB of workgroup memory (32: 4 rows a thread).
-    #[arg(long)]
-    spmm_storage: Option<u32>,
     /// Synthetic model of the pp / tg rows: tiny, phi-4-mini or phi-4.
     #[arg(long, default_value = "tiny")]
     model_size: String,
@@ -446,7 +443,6 @@ impl Bench<'_> {
             "spmm" => {
                 let ws = uploads(gpu, sparse)?;
                 let n = ws.len();
-                let tm = gpu.spmm_rows_per_thread().unwrap_or(0);
                 for batch in self.args.batch.split(',').map(|b| b.trim().parse::<usize>()) {
                     let batch = batch.map_err(|e| upg::gpu::GpuError::Shape(format!("--batch: {e}")))?;
                     let x = gpu.vector(&rng.normal_vec(batch * cols, 1.0))?;
@@ -454,7 +450,7 @@ impl Bench<'_> {
                     self.measure(
                         gpu,
                         op,
-                        format!("{label} n={batch} tm={tm}"),
+                        format!("{label} n={batch}"),
                         shape,
                         sparse.stored_bytes() as u64,
                         n,
@@ -528,14 +524,6 @@ fn bench_gpu(
             Gpu::new(&options(args, adapter, &spmv)?)?,
         ));
     }
-    let small = match (ops.contains(&"spmm"), args.spmm_storage) {
-        (true, Some(kib)) => {
-            let mut opts = options(args, adapter, &[])?;
-            opts.limits.max_workgroup_storage_bytes = Some(kib << 10);
-            Some((format!("{kib} KiB"), Gpu::new(&opts)?))
-        }
-        _ => None,
-    };
     let checks = if args.unchecked {
         "unchecked"
     } else {
@@ -554,12 +542,7 @@ fn bench_gpu(
         let mut rng = Rng::new(args.seed);
         let sparse = Tensor::Sparse(SparseMatrix::random(shape.0, shape.1, 128, &mut rng)?);
         for &op in ops.iter().filter(|&&o| !matches!(o, "copy" | "pp" | "tg")) {
-            if op == "spmm" {
-                bench.op(&gpu, op, shape, &sparse, checks)?;
-                if let Some((set, g)) = &small {
-                    bench.op(g, op, shape, &sparse, &format!("{checks} {set}"))?;
-                }
-            } else if op == "spmv" && !others.is_empty() {
+            if op == "spmv" && !others.is_empty() {
                 for (set, g) in &others {
                     bench.op(g, op, shape, &sparse, &format!("{checks} {set}"))?;
                 }

@@ -136,24 +136,18 @@ fn sparse(rng: &mut Rng, rows: usize, cols: usize, group: usize, encoded: bool) 
     }
 }
 
-/// Rows not a multiple of the 32-row tile nor of a workgroup's 128 (or 64) rows, a block of fewer than
-/// 64 columns, partial blocks, several scale groups; batches of 1, under one 64-token tile, exactly
-/// one, and over one.
+/// Rows not a multiple of the 32-row tile nor of a workgroup's 128 rows, a block of fewer than 64
+/// columns, partial blocks, several scale groups; batches of 1, under one 128-token tile, exactly one,
+/// and over one.
 #[test]
 fn sparse_batches_match_the_reference() {
     let Some(gpu) = gpu_or_skip(GpuOptions::default()) else {
         return;
     };
-    println!(
-        "{}: {:?} rows a thread, limits {:?}",
-        gpu.describe(),
-        gpu.spmm_rows_per_thread(),
-        gpu.limits()
-    );
     let mut rng = Rng::new(test_seed("sparse_batches_match_the_reference"));
     let shapes = [(1, 64), (5, 20), (33, 100), (70, 448), (130, 130), (37, 1000)];
     for (s, &(rows, cols)) in shapes.iter().enumerate() {
-        for (b, &n) in [1, 3, 17, 64, 70].iter().enumerate() {
+        for (b, &n) in [1, 3, 17, 64, 128, 130].iter().enumerate() {
             let group = [64, 128][(s + b) % 2];
             let w = sparse(&mut rng, rows, cols, group, (s + b) % 3 == 0);
             run_case(&gpu, &mut rng, &w, n, b == 2);
@@ -161,7 +155,7 @@ fn sparse_batches_match_the_reference() {
     }
     // Several token tiles and row groups at once.
     let w = sparse(&mut rng, 300, 200, 128, true);
-    run_case(&gpu, &mut rng, &w, 130, true);
+    run_case(&gpu, &mut rng, &w, 260, true);
 }
 
 #[test]
@@ -180,7 +174,7 @@ fn dense_batches_match_the_reference() {
             Tensor::Q4(Q4Matrix::encode(&d, 64).unwrap()),
         ];
         for w in &tensors {
-            for n in [3, 70] {
+            for n in [3, 130] {
                 run_case(&gpu, &mut rng, w, n, n == 3);
             }
         }
@@ -189,12 +183,12 @@ fn dense_batches_match_the_reference() {
 
 /// 64 KiB bindings: a sparse [700, 1000] matrix (256 bytes of codes a row) goes in 3 row chunks and its
 /// f16 copy (2000 bytes a row) in 22, each its own launch. At most 4 workgroups per dimension: 2D
-/// grids. 32 KiB of workgroup memory: 4 rows a thread (64-row workgroups).
+/// grids (2 row groups x 2 token tiles in a chunk of 256 rows).
 #[test]
-fn lowered_limits_split_bindings_dispatch_in_2d_and_halve_the_tile() {
+fn lowered_limits_split_bindings_and_dispatch_in_2d() {
     let limits = LimitOverrides {
         max_binding_bytes: Some(64 << 10),
-        max_workgroups_per_dim: Some(4),
+        max_workgroups_per_dim: Some(3),
         max_workgroup_storage_bytes: Some(32 << 10),
     };
     let Some(gpu) = gpu_or_skip(GpuOptions {
@@ -203,12 +197,12 @@ fn lowered_limits_split_bindings_dispatch_in_2d_and_halve_the_tile() {
     }) else {
         return;
     };
-    assert_eq!(gpu.spmm_rows_per_thread(), Some(4));
+    assert!(gpu.has_batched_product());
     let mut rng = Rng::new(test_seed("spmm_lowered_limits"));
     let (rows, cols) = (700, 1000);
     let w = sparse(&mut rng, rows, cols, 128, false);
     assert_eq!(gpu.upload(&w).unwrap().chunks(), 3);
-    run_case(&gpu, &mut rng, &w, 70, true);
+    run_case(&gpu, &mut rng, &w, 130, true);
     let values = rng.normal_vec(rows * cols, 0.02);
     let d = Dense::f32(rows, cols, &values).unwrap();
     let f16 = Tensor::F16(DenseF16::encode(&d).unwrap());
@@ -219,7 +213,7 @@ fn lowered_limits_split_bindings_dispatch_in_2d_and_halve_the_tile() {
 #[test]
 fn too_little_workgroup_memory_means_one_position_a_pass() {
     let limits = LimitOverrides {
-        max_workgroup_storage_bytes: Some(16 << 10),
+        max_workgroup_storage_bytes: Some(31 << 10),
         ..Default::default()
     };
     let Some(gpu) = gpu_or_skip(GpuOptions {
@@ -228,7 +222,7 @@ fn too_little_workgroup_memory_means_one_position_a_pass() {
     }) else {
         return;
     };
-    assert_eq!(gpu.spmm_rows_per_thread(), None);
+    assert!(!gpu.has_batched_product());
     let mut rng = Rng::new(test_seed("too_little_workgroup_memory"));
     let m = gpu.upload(&sparse(&mut rng, 8, 64, 64, false)).unwrap();
     let (x, y) = (gpu.zeros(2 * 64).unwrap(), gpu.zeros(2 * 8).unwrap());

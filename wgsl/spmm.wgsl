@@ -6,26 +6,25 @@
 // Why dense tiles of a sparse matrix: walking only the kept weights needs one x value from workgroup
 // memory per kept weight and token, and workgroup memory gives an SM 32 words per clock against 128
 // FMAs: a kept-weight walk stays under a quarter of the FMA rate whatever it does in registers. Here a
-// workgroup decodes a [BM, 64] tile of W, zeros included, into workgroup memory once for 64 tokens, and
-// each thread multiplies TM rows by 4 tokens in registers: per column, 1 + TM / 4 16-byte loads feed
-// 4 TM FMAs. That is twice the FMAs of the kept weights, at close to the full FMA rate.
+// workgroup decodes a [128 rows, 32 columns] tile of W, zeros included, into workgroup memory once for
+// 128 tokens, and each thread multiplies 8 rows by 8 tokens in registers: per column four 16-byte loads
+// feed 64 FMAs. That is twice the FMAs of the kept weights, at close to the full FMA rate.
 //
-// Per 64-column block b of W (blocks = ceil(cols / 64)), a workgroup
-//   1. stages x[its 64 tokens][block b] in xs as [column][token], vec4s of 4 tokens: thread li stages
-//      token vec4 li % 16 of columns li / 16 + 16 j, so that 8 neighbouring lanes write one 128-byte row
-//      of xs (no bank conflict) and the product reads it the same way; tokens >= n and columns >= cols
-//      are staged as 0;
-//   2. decodes W[its BM rows][block b] into ws as [column][row]: thread (r = li % BM, h = li / BM), h < 2,
-//      writes the 32 columns of half h of row r. Sparse (CODEC 0): ws is zeroed first (16-byte stores,
-//      then a barrier), then the thread stores the 16 kept weights of the rotated mask half h of
-//      spmv.wgsl's GPU layout (columns (rot + 32 h + p) & 63) in spmv's walk order, value = scale *
-//      (2 code - 15), exact in f32. Dense: columns 32 h .. 32 h + 31, zeros included;
-//   3. multiplies: thread (m = li / 16, q = li % 16) accumulates rows TM m .. TM m + TM - 1 of the tile
-//      for tokens 4 q .. 4 q + 3 over the block's 64 columns, in column order (deterministic): per
-//      column one 16-byte x load and TM / 4 W loads at fixed offsets, and 4 TM FMAs.
-// The sparse records and the x values of block b + 1 are loaded into registers before the product of
-// block b, so that their memory latency overlaps it. W values of padding columns (sparse top-up
-// weights, q4 padding) meet staged zeros.
+// A workgroup owns 128 rows of the chunk and 128 tokens. For each 32-column half c of each 64-column
+// block b of W (blocks = ceil(cols / 64)) it
+//   1. stages x[its tokens][the 32 columns] in xs as [column][token], vec4s of 4 tokens: thread li loads
+//      column li % 32 (32 lanes read 128 contiguous bytes) of token vec4s u = li / 32 + 8 j and stores
+//      vec4 u of column k at slot k * 32 + (u ^ (k & 7)), so that 8 neighbouring lanes hit 8 different
+//      banks both here and in the product; tokens >= n and columns >= cols are staged as 0;
+//   2. decodes W[its rows][the 32 columns] into ws as [column][row]: thread (r = li % 128, h = li / 128).
+//      Sparse (CODEC 0): ws is zeroed first (16-byte stores, then a barrier); the thread walks half h of
+//      row r's rotated block mask in spmv.wgsl's GPU layout (columns (rot + 32 h + p) & 63, 16 kept
+//      weights in spmv's walk order, value = scale * (2 code - 15), exact in f32) and stores the weights
+//      that fall in half c (each block is walked twice). Dense: columns 16 h .. 16 h + 15 of half c;
+//   3. multiplies: thread (m = li / 16, q = li % 16) accumulates rows 4 m .. 4 m + 3 and 64 + 4 m ..
+//      64 + 4 m + 3 for tokens 4 q .. 4 q + 3 and 64 + 4 q .. 64 + 4 q + 3, in column order
+//      (deterministic).
+// W values of padding columns (sparse top-up weights, q4 padding) meet staged zeros.
 //
 // Bindings (group 0):
 //   0  uniform            params: Params (below)
@@ -40,8 +39,8 @@
 //   6  storage, read_write y:   array<f32>  [n, y_cols]; the chunk's rows at row0 ..
 //   7  storage, read      res: array<f32>  like y, read only when RESIDUAL == 1
 // Unused planes are bound to any buffer.
-// Workgroup: 256 threads; workgroup memory 16 KiB (xs) + 4 KiB * TM (ws): 48 KiB at TM = 8, 32 KiB at 4.
-// Dispatch: row_groups * ceil(n / 64) workgroups, (x, y) with id = x + y * num_workgroups.x when over
+// Workgroup: 256 threads; 32 KiB of workgroup memory (xs and ws, 16 KiB each).
+// Dispatch: row_groups * ceil(n / 128) workgroups, (x, y) with id = x + y * num_workgroups.x when over
 // 65535; row group id % row_groups, token tile id / row_groups (neighbours share the x tile).
 // Every loop runs a count fixed before it starts and every index stays inside its binding (the launcher
 // checks the shapes), so the launcher builds this kernel without wgpu's loop bounding.
@@ -53,7 +52,7 @@ struct Params {
     row0: u32,       // index of the chunk's first row in a y row
     y_cols: u32,     // length of a y row (all rows of W)
     n: u32,          // x rows (tokens)
-    row_groups: u32, // workgroups along the chunk's rows: ceil(rows / BM)
+    row_groups: u32, // workgroups along the chunk's rows: ceil(rows / 128)
     blocks: u32,     // 64-column blocks: ceil(cols / 64)
     a: u32,          // sparse: 32-row tiles in the chunk; f32 / f16: stored row length; q4: chunks a row
     b: u32,          // sparse: scale groups a row; q4: scale words a row
@@ -63,11 +62,11 @@ struct Params {
 }
 
 override CODEC: u32 = 0u;        // 0 sparse, 1 f32, 2 f16, 3 q4
-override TM: u32 = 8u;           // rows per thread: 4 or 8
 override GROUP_BLOCKS: u32 = 2u; // sparse: 64-column blocks per scale group
 override GROUP_CHUNKS: u32 = 1u; // q4: 32-column chunks per scale group
 override RESIDUAL: u32 = 0u;
-const BN: u32 = 64u;             // tokens per workgroup
+const BM: u32 = 128u;            // rows per workgroup
+const BN: u32 = 128u;            // tokens per workgroup
 const WG: u32 = 256u;
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -79,8 +78,8 @@ const WG: u32 = 256u;
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
 @group(0) @binding(7) var<storage, read> res: array<f32>;
 
-var<workgroup> xs: array<vec4<f32>, 1024>;     // [64 columns][16 token vec4s]
-var<workgroup> ws: array<vec4<f32>, TM * 256u>; // [64 columns][BM rows] as vec4s of 4 rows
+var<workgroup> xs: array<vec4<f32>, 1024>; // [32 columns][32 token vec4s], swizzled (see the top)
+var<workgroup> ws: array<vec4<f32>, 1024>; // [32 columns][32 row vec4s]
 
 // One block of the sparse layout for thread (r, h): its mask half, the half's two code words, the
 // block's rotation and scale. `live` is false for rows past the chunk's last tile.
@@ -93,58 +92,32 @@ struct Record {
     live: bool,
 }
 
-// x[the thread's 4 staging tokens][its staging column li / 16 + 16 j] for j = 0 .. 3.
-struct Staged {
-    v0: vec4<f32>,
-    v1: vec4<f32>,
-    v2: vec4<f32>,
-    v3: vec4<f32>,
-}
-
-// Where the thread's 4 staging tokens start in x (their rows times cols), and which of them exist.
-struct Tokens {
-    base: vec4<u32>,
-    live: vec4<bool>,
-}
-
-fn bm() -> u32 {
-    return 16u * TM;
-}
-
-fn staging_tokens(tok0: u32, li: u32) -> Tokens {
-    let t = vec4<u32>(tok0 + 4u * (li % 16u)) + vec4<u32>(0u, 1u, 2u, 3u);
-    let live = t < vec4<u32>(params.n);
-    return Tokens(select(vec4<u32>(0u), t * params.cols, live), live);
-}
-
-fn x_vec(tk: Tokens, c: u32) -> vec4<f32> {
-    if c >= params.cols {
-        return vec4<f32>(0.0);
+fn x_at(t: u32, c: u32) -> f32 {
+    if t < params.n && c < params.cols {
+        return x[t * params.cols + c];
     }
-    let v = vec4<f32>(x[tk.base.x + c], x[tk.base.y + c], x[tk.base.z + c], x[tk.base.w + c]);
-    return select(vec4<f32>(0.0), v, tk.live);
+    return 0.0;
 }
 
-fn load_x(tk: Tokens, b: u32, li: u32) -> Staged {
-    let c = b * 64u + li / 16u;
-    return Staged(x_vec(tk, c), x_vec(tk, c + 16u), x_vec(tk, c + 32u), x_vec(tk, c + 48u));
+fn stage_x(tok0: u32, col0: u32, li: u32) {
+    let c = li % 32u;
+    let col = col0 + c;
+    for (var j = 0u; j < 4u; j++) {
+        let u = li / 32u + 8u * j;
+        let t = tok0 + 4u * u;
+        let v = vec4<f32>(x_at(t, col), x_at(t + 1u, col), x_at(t + 2u, col), x_at(t + 3u, col));
+        xs[c * 32u + (u ^ (c & 7u))] = v;
+    }
 }
 
-fn store_x(s: Staged, li: u32) {
-    xs[li] = s.v0;
-    xs[li + 256u] = s.v1;
-    xs[li + 512u] = s.v2;
-    xs[li + 768u] = s.v3;
-}
-
-fn put(col: u32, r: u32, v: f32) {
-    let i = col * bm() + r;
-    ws[i / 4u][i % 4u] = v;
+// Row r, column k of ws.
+fn put(k: u32, r: u32, v: f32) {
+    ws[k * 32u + r / 4u][r % 4u] = v;
 }
 
 fn load_record(rg: u32, b: u32, r: u32, h: u32) -> Record {
-    let tile = rg * (bm() / 32u) + r / 32u;
-    if h >= 2u || tile >= params.a {
+    let tile = rg * (BM / 32u) + r / 32u;
+    if tile >= params.a {
         return Record(0u, 0u, 0u, 0u, 0.0, false);
     }
     let lane = r % 32u;
@@ -161,54 +134,65 @@ fn levels(w: u32, j: u32) -> vec2<f32> {
     return unpack2x16float(l) - vec2<f32>(1039.0);
 }
 
+// Block column `col` (0 .. 127, wrapped here) of row r, stored when it lies in half `half`.
+fn put_kept(col: u32, r: u32, v: f32, half: u32) {
+    let c = col & 63u;
+    if c / 32u == half {
+        put(c % 32u, r, v);
+    }
+}
+
 // Eight steps of the walk (codes of word w), from the mask's highest set bit down.
-fn walk8(mask: u32, w: u32, base: u32, r: u32, scale: f32) -> u32 {
+fn walk8(mask: u32, w: u32, base: u32, r: u32, scale: f32, half: u32) -> u32 {
     var m = mask;
     for (var j = 0u; j < 4u; j++) {
         let v = levels(w, j) * scale;
         var p = firstLeadingBit(m);
         m ^= 1u << p;
-        put((base + p) & 63u, r, v.x);
+        put_kept(base + p, r, v.x, half);
         p = firstLeadingBit(m);
         m ^= 1u << p;
-        put((base + p) & 63u, r, v.y);
+        put_kept(base + p, r, v.y, half);
     }
     return m;
 }
 
-// The kept weights of the thread's half into the zeroed ws.
-fn decode_sparse(rec: Record, r: u32, h: u32) {
-    if h < 2u && rec.live {
+// The kept weights of the thread's mask half that lie in block half `half`, into the zeroed ws.
+fn decode_sparse(rec: Record, r: u32, h: u32, half: u32) {
+    if rec.live {
         let base = rec.rot + 32u * h;
-        let m = walk8(rec.mask, rec.c0, base, r, rec.scale);
-        walk8(m, rec.c1, base, r, rec.scale);
+        let m = walk8(rec.mask, rec.c0, base, r, rec.scale, half);
+        walk8(m, rec.c1, base, r, rec.scale, half);
     }
 }
 
-// Dense codecs: the 32 columns of half h of block b, row r of the tile, straight from memory.
-fn decode_dense(rg: u32, b: u32, r: u32, h: u32) {
-    if h >= 2u {
-        return;
-    }
-    let row = rg * bm() + r;
-    let c0 = b * 64u + 32u * h;
+// Dense codecs: columns 16 h .. 16 h + 15 of half `half` of block b, row r of the tile, from memory.
+fn decode_dense(rg: u32, b: u32, half: u32, r: u32, h: u32) {
+    let row = rg * BM + r;
+    let k0 = 16u * h;
+    let c0 = b * 64u + 32u * half + k0;
     if CODEC == 3u {
-        let k32 = c0 / 32u;
-        var words = vec4<u32>(0u);
+        // The q4 32-column chunk is this half; thread h takes its words 2 h and 2 h + 1.
+        let k32 = 2u * b + half;
+        var w0 = 0u;
+        var w1 = 0u;
         var scale = 0.0;
         if row < params.rows && k32 < params.a {
-            let i = (row * params.a + k32) * 4u;
-            words = vec4<u32>(p0[i], p0[i + 1u], p0[i + 2u], p0[i + 3u]);
+            let i = (row * params.a + k32) * 4u + 2u * h;
+            w0 = p0[i];
+            w1 = p0[i + 1u];
             let g = k32 / GROUP_CHUNKS;
             scale = unpack2x16float(p1[row * params.b + g / 2u])[g % 2u];
         }
-        for (var p = 0u; p < 32u; p++) {
-            let code = (words[p / 8u] >> (4u * (p % 8u))) & 15u;
-            put(32u * h + p, r, scale * (2.0 * f32(code) - 15.0));
+        for (var p = 0u; p < 8u; p++) {
+            let lo = (w0 >> (4u * p)) & 15u;
+            let hi = (w1 >> (4u * p)) & 15u;
+            put(k0 + p, r, scale * (2.0 * f32(lo) - 15.0));
+            put(k0 + 8u + p, r, scale * (2.0 * f32(hi) - 15.0));
         }
         return;
     }
-    for (var p = 0u; p < 32u; p += 2u) {
+    for (var p = 0u; p < 16u; p += 2u) {
         let c = c0 + p;
         var v = vec2<f32>(0.0);
         if row < params.rows && c < params.cols {
@@ -216,30 +200,34 @@ fn decode_dense(rg: u32, b: u32, r: u32, h: u32) {
             if CODEC == 2u {
                 v = unpack2x16float(p0[i / 2u]);
             } else {
-                // f32 rows hold a multiple of 8 values: c + 1 is inside the row (padding is 0).
+                // Stored rows hold a multiple of 8 values: c + 1 is inside the row (padding is 0).
                 v = vec2<f32>(bitcast<f32>(p0[i]), bitcast<f32>(p0[i + 1u]));
             }
         }
-        put(32u * h + p, r, v.x);
-        put(32u * h + p + 1u, r, v.y);
+        put(k0 + p, r, v.x);
+        put(k0 + p + 1u, r, v.y);
     }
 }
 
-fn store_row(r: u32, t0: u32, v: vec4<f32>) {
-    if r >= params.rows {
-        return;
+fn store(t: u32, r: u32, v: f32) {
+    if t < params.n {
+        let i = t * params.y_cols + params.row0 + r;
+        var s = v;
+        if RESIDUAL == 1u {
+            s += res[i];
+        } else if RESIDUAL == 2u {
+            s += y[i];
+        }
+        y[i] = s;
     }
-    for (var e = 0u; e < 4u; e++) {
-        let t = t0 + e;
-        if t < params.n {
-            let i = t * params.y_cols + params.row0 + r;
-            var s = v[e];
-            if RESIDUAL == 1u {
-                s += res[i];
-            } else if RESIDUAL == 2u {
-                s += y[i];
-            }
-            y[i] = s;
+}
+
+// Row r of the chunk for tokens t0 .. t0 + 3 (lo) and t0 + 64 .. t0 + 67 (hi).
+fn store_rows(r: u32, lo: vec4<f32>, hi: vec4<f32>, t0: u32) {
+    if r < params.rows {
+        for (var e = 0u; e < 4u; e++) {
+            store(t0 + e, r, lo[e]);
+            store(t0 + 64u + e, r, hi[e]);
         }
     }
 }
@@ -256,74 +244,80 @@ fn main(
     }
     let rg = id % params.row_groups;
     let tok0 = (id / params.row_groups) * BN;
-    let r = li % bm();
-    let h = li / bm();
+    let r = li % BM;
+    let h = li / BM;
     let m = li / 16u;
     let q = li % 16u;
-    let wrow = bm() / 4u; // vec4s of ws per column
-    let wq = m * (TM / 4u);
 
-    var a0 = vec4<f32>(0.0);
-    var a1 = vec4<f32>(0.0);
-    var a2 = vec4<f32>(0.0);
-    var a3 = vec4<f32>(0.0);
-    var a4 = vec4<f32>(0.0);
-    var a5 = vec4<f32>(0.0);
-    var a6 = vec4<f32>(0.0);
-    var a7 = vec4<f32>(0.0);
+    var a00 = vec4<f32>(0.0);
+    var a01 = vec4<f32>(0.0);
+    var a10 = vec4<f32>(0.0);
+    var a11 = vec4<f32>(0.0);
+    var a20 = vec4<f32>(0.0);
+    var a21 = vec4<f32>(0.0);
+    var a30 = vec4<f32>(0.0);
+    var a31 = vec4<f32>(0.0);
+    var a40 = vec4<f32>(0.0);
+    var a41 = vec4<f32>(0.0);
+    var a50 = vec4<f32>(0.0);
+    var a51 = vec4<f32>(0.0);
+    var a60 = vec4<f32>(0.0);
+    var a61 = vec4<f32>(0.0);
+    var a70 = vec4<f32>(0.0);
+    var a71 = vec4<f32>(0.0);
 
-    var rec = Record(0u, 0u, 0u, 0u, 0.0, false);
-    if CODEC == 0u && params.blocks > 0u {
-        rec = load_record(rg, 0u, r, h);
-    }
-    let tk = staging_tokens(tok0, li);
-    var staged = load_x(tk, 0u, li);
     for (var b = 0u; b < params.blocks; b++) {
-        workgroupBarrier();
-        store_x(staged, li);
+        var rec = Record(0u, 0u, 0u, 0u, 0.0, false);
         if CODEC == 0u {
-            for (var j = 0u; j < TM; j++) {
-                ws[li + 256u * j] = vec4<f32>(0.0);
+            rec = load_record(rg, b, r, h);
+        }
+        for (var half = 0u; half < 2u; half++) {
+            workgroupBarrier();
+            stage_x(tok0, b * 64u + 32u * half, li);
+            if CODEC == 0u {
+                for (var j = 0u; j < 4u; j++) {
+                    ws[li + 256u * j] = vec4<f32>(0.0);
+                }
+                workgroupBarrier();
+                decode_sparse(rec, r, h, half);
+            } else {
+                decode_dense(rg, b, half, r, h);
             }
             workgroupBarrier();
-            decode_sparse(rec, r, h);
-        } else {
-            decode_dense(rg, b, r, h);
-        }
-        if b + 1u < params.blocks {
-            staged = load_x(tk, b + 1u, li);
-            if CODEC == 0u {
-                rec = load_record(rg, b + 1u, r, h);
-            }
-        }
-        workgroupBarrier();
-        for (var k = 0u; k < 64u; k++) {
-            let xv = xs[k * 16u + q];
-            let wa = ws[k * wrow + wq];
-            a0 = fma(vec4<f32>(wa.x), xv, a0);
-            a1 = fma(vec4<f32>(wa.y), xv, a1);
-            a2 = fma(vec4<f32>(wa.z), xv, a2);
-            a3 = fma(vec4<f32>(wa.w), xv, a3);
-            if TM == 8u {
-                let wb = ws[k * wrow + wq + 1u];
-                a4 = fma(vec4<f32>(wb.x), xv, a4);
-                a5 = fma(vec4<f32>(wb.y), xv, a5);
-                a6 = fma(vec4<f32>(wb.z), xv, a6);
-                a7 = fma(vec4<f32>(wb.w), xv, a7);
+            for (var k = 0u; k < 32u; k++) {
+                let sw = q ^ (k & 7u);
+                let xa = xs[k * 32u + sw];
+                let xb = xs[k * 32u + 16u + sw];
+                let wa = ws[k * 32u + m];
+                let wb = ws[k * 32u + 16u + m];
+            a00 = fma(vec4<f32>(wa.x), xa, a00);
+            a01 = fma(vec4<f32>(wa.x), xb, a01);
+            a10 = fma(vec4<f32>(wa.y), xa, a10);
+            a11 = fma(vec4<f32>(wa.y), xb, a11);
+            a20 = fma(vec4<f32>(wa.z), xa, a20);
+            a21 = fma(vec4<f32>(wa.z), xb, a21);
+            a30 = fma(vec4<f32>(wa.w), xa, a30);
+            a31 = fma(vec4<f32>(wa.w), xb, a31);
+            a40 = fma(vec4<f32>(wb.x), xa, a40);
+            a41 = fma(vec4<f32>(wb.x), xb, a41);
+            a50 = fma(vec4<f32>(wb.y), xa, a50);
+            a51 = fma(vec4<f32>(wb.y), xb, a51);
+            a60 = fma(vec4<f32>(wb.z), xa, a60);
+            a61 = fma(vec4<f32>(wb.z), xb, a61);
+            a70 = fma(vec4<f32>(wb.w), xa, a70);
+            a71 = fma(vec4<f32>(wb.w), xb, a71);
             }
         }
     }
 
-    let row = rg * bm() + m * TM;
+    let row0 = rg * BM;
     let t0 = tok0 + 4u * q;
-    store_row(row, t0, a0);
-    store_row(row + 1u, t0, a1);
-    store_row(row + 2u, t0, a2);
-    store_row(row + 3u, t0, a3);
-    if TM == 8u {
-        store_row(row + 4u, t0, a4);
-        store_row(row + 5u, t0, a5);
-        store_row(row + 6u, t0, a6);
-        store_row(row + 7u, t0, a7);
-    }
+    store_rows(row0 + 4u * m + 0u, a00, a01, t0);
+    store_rows(row0 + 4u * m + 1u, a10, a11, t0);
+    store_rows(row0 + 4u * m + 2u, a20, a21, t0);
+    store_rows(row0 + 4u * m + 3u, a30, a31, t0);
+    store_rows(row0 + 64u + 4u * m + 0u, a40, a41, t0);
+    store_rows(row0 + 64u + 4u * m + 1u, a50, a51, t0);
+    store_rows(row0 + 64u + 4u * m + 2u, a60, a61, t0);
+    store_rows(row0 + 64u + 4u * m + 3u, a70, a71, t0);
 }

@@ -6,11 +6,11 @@ use super::error::{GpuError, Result};
 use super::matrix::{GpuMatrix, Layout, TILE_ROWS};
 use super::shader::Kernel;
 
-/// x rows per workgroup (spmm.wgsl's BN).
-const BATCH_TILE: usize = 64;
-/// Workgroup memory of spmm's x tile; its W tile takes 4 KiB per row of a thread (TM).
-const X_TILE_BYTES: u32 = 16 << 10;
-const W_TILE_BYTES_PER_TM: u32 = 4 << 10;
+/// Rows of W and of x per workgroup (spmm.wgsl's BM and BN).
+const ROW_TILE: usize = 128;
+const BATCH_TILE: usize = 128;
+/// Workgroup memory of spmm.wgsl: the W tile and the x tile, 16 KiB each.
+const TILE_BYTES: u32 = 32 << 10;
 
 fn word(v: usize, what: &str) -> Result<u32> {
     u32::try_from(v).map_err(|_| {
@@ -21,13 +21,9 @@ fn word(v: usize, what: &str) -> Result<u32> {
 }
 
 impl Gpu {
-    /// Rows per thread of spmm.wgsl (its TM): 8 where the device gives a workgroup 48 KiB, 4 where it
-    /// gives 32 KiB; `None` below that (then there is no batched product).
-    pub fn spmm_rows_per_thread(&self) -> Option<u32> {
-        let room = self.limits().max_workgroup_storage_bytes;
-        [8, 4]
-            .into_iter()
-            .find(|&tm| room >= X_TILE_BYTES + tm * W_TILE_BYTES_PER_TM)
+    /// Whether the device runs [`Gpu::matmat`]: it needs 32 KiB of workgroup memory.
+    pub fn has_batched_product(&self) -> bool {
+        self.limits().max_workgroup_storage_bytes >= TILE_BYTES
     }
 
     /// y[t] = W x[t] for t < n (x: n rows of `w.cols` values, y: n rows of `w.rows`), or with `residual`
@@ -69,14 +65,12 @@ impl Gpu {
         if n == 0 {
             return Ok(());
         }
-        let tm = self.spmm_rows_per_thread().ok_or_else(|| {
-            GpuError::Layout(format!(
-                "the batched product needs {} bytes of workgroup memory, the device has {}: feed one position at a time",
-                X_TILE_BYTES + 4 * W_TILE_BYTES_PER_TM,
+        if !self.has_batched_product() {
+            return Err(GpuError::Layout(format!(
+                "the batched product needs {TILE_BYTES} bytes of workgroup memory, the device has {}: feed one position at a time",
                 self.limits().max_workgroup_storage_bytes
-            ))
-        })?;
-        let rows_per_group = 16 * tm as usize;
+            )));
+        }
         word(n * w.cols.max(w.rows), "n x row length")?;
         let blocks = w.cols.div_ceil(64);
         let (codec, a, b, group) = match w.layout {
@@ -91,7 +85,6 @@ impl Gpu {
         };
         let constants = [
             ("CODEC", codec),
-            ("TM", tm as f64),
             (group.0, group.1 as f64),
             ("RESIDUAL", mode),
         ];
@@ -100,7 +93,7 @@ impl Gpu {
             if c.rows == 0 {
                 continue;
             }
-            let row_groups = c.rows.div_ceil(rows_per_group);
+            let row_groups = c.rows.div_ceil(ROW_TILE);
             // Sparse chunks: `a` is the chunk's row tiles.
             let a = if codec == 0.0 {
                 c.rows.div_ceil(TILE_ROWS)

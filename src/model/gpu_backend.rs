@@ -298,7 +298,7 @@ impl Backend for GpuBackend {
     fn max_batch(&self) -> usize {
         // Batches go through spmm.wgsl where the device has its workgroup memory; the cap keeps the
         // one-dimensional launches over rows (rmsnorm, attention's rows x heads) inside 65535.
-        if self.gpu.spmm_rows_per_thread().is_some() {
+        if self.gpu.has_batched_product() {
             MAX_BATCH
         } else {
             1
