@@ -443,8 +443,14 @@ impl Bench<'_> {
             "spmm" => {
                 let ws = uploads(gpu, sparse)?;
                 let n = ws.len();
-                for batch in self.args.batch.split(',').map(|b| b.trim().parse::<usize>()) {
-                    let batch = batch.map_err(|e| upg::gpu::GpuError::Shape(format!("--batch: {e}")))?;
+                for batch in self
+                    .args
+                    .batch
+                    .split(',')
+                    .map(|b| b.trim().parse::<usize>())
+                {
+                    let batch =
+                        batch.map_err(|e| upg::gpu::GpuError::Shape(format!("--batch: {e}")))?;
                     let x = gpu.vector(&rng.normal_vec(batch * cols, 1.0))?;
                     let y = gpu.zeros(batch * rows)?;
                     self.measure(

@@ -84,9 +84,9 @@ struct Args {
     /// Prompt length in tokens for --synthetic runs (random ids).
     #[arg(long, default_value_t = 32)]
     prompt_len: usize,
-    /// Prompt positions per pass (the backend may allow fewer).
-    #[arg(long, default_value_t = upg::model::phi3::PREFILL_BATCH)]
-    batch: usize,
+    /// Prompt positions per pass (the backend may allow fewer); default: the backend's choice.
+    #[arg(long)]
+    batch: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -183,7 +183,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     match pick_gpu(args.backend)? {
         Some(gpu) => {
             let backend = GpuBackend::new(gpu, kv_f16)?;
-            let model = Phi3::with_batch(config, weights, backend, ctx, args.batch)?;
+            let batch = args.batch.unwrap_or(backend.prefill_batch());
+            let model = Phi3::with_batch(config, weights, backend, ctx, batch)?;
             decode(
                 model,
                 &args,
@@ -194,7 +195,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             )
         }
         None => {
-            let model = Phi3::with_batch(config, weights, Cpu::new(), ctx, args.batch)?;
+            let backend = Cpu::new();
+            let batch = args.batch.unwrap_or(backend.prefill_batch());
+            let model = Phi3::with_batch(config, weights, backend, ctx, batch)?;
             decode(
                 model,
                 &args,

@@ -104,11 +104,7 @@ fn gpu_matmat(gpu: &Gpu, w: &Tensor, x: &[f32], n: usize, r: Residual) -> Vec<f3
 fn run_case(gpu: &Gpu, rng: &mut Rng, w: &Tensor, n: usize, r: bool) {
     let [rows, cols] = w.shape();
     let x = rng.normal_vec(n * cols, 1.0);
-    let what = format!(
-        "{} {:?} [{rows}, {cols}] x {n}",
-        gpu.describe(),
-        w.codec()
-    );
+    let what = format!("{} {:?} [{rows}, {cols}] x {n}", gpu.describe(), w.codec());
     let (want, tol) = reference_f64(w, &x, n, Residual::None);
     check(
         &what,
@@ -130,7 +126,9 @@ fn run_case(gpu: &Gpu, rng: &mut Rng, w: &Tensor, n: usize, r: bool) {
 fn sparse(rng: &mut Rng, rows: usize, cols: usize, group: usize, encoded: bool) -> Tensor {
     if encoded {
         let d = rng.normal_vec(rows * cols, 0.02);
-        Tensor::Sparse(SparseMatrix::encode(&Dense::f32(rows, cols, &d).unwrap(), group, None).unwrap())
+        Tensor::Sparse(
+            SparseMatrix::encode(&Dense::f32(rows, cols, &d).unwrap(), group, None).unwrap(),
+        )
     } else {
         Tensor::Sparse(SparseMatrix::random(rows, cols, group, rng).unwrap())
     }
@@ -145,7 +143,14 @@ fn sparse_batches_match_the_reference() {
         return;
     };
     let mut rng = Rng::new(test_seed("sparse_batches_match_the_reference"));
-    let shapes = [(1, 64), (5, 20), (33, 100), (70, 448), (130, 130), (37, 1000)];
+    let shapes = [
+        (1, 64),
+        (5, 20),
+        (33, 100),
+        (70, 448),
+        (130, 130),
+        (37, 1000),
+    ];
     for (s, &(rows, cols)) in shapes.iter().enumerate() {
         for (b, &n) in [1, 3, 17, 64, 128, 130].iter().enumerate() {
             let group = [64, 128][(s + b) % 2];

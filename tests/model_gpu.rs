@@ -12,7 +12,11 @@ use upg::model::{Checkpoint, CodecPlan, Cpu, GpuBackend, HostWeights, Phi3, Samp
 const LOGIT_TOL: f64 = 1e-4;
 
 fn load_gpu(name: &str, plan: &CodecPlan, ctx: usize, kv_f16: bool) -> Option<Phi3<GpuBackend>> {
-    load_gpu_batch(name, plan, ctx, kv_f16, upg::model::phi3::PREFILL_BATCH)
+    let gpu = gpu_or_skip(GpuOptions::default())?;
+    let ckpt = Checkpoint::open(&fixture(name)).expect("fixture opens");
+    let weights = HostWeights::from_checkpoint(&ckpt, plan).expect("weights load");
+    let backend = GpuBackend::new(gpu, kv_f16).expect("backend");
+    Some(Phi3::new(ckpt.config.clone(), weights, backend, ctx).expect("model builds"))
 }
 
 /// [`load_gpu`] with prompts fed `batch` positions a pass.
@@ -210,7 +214,10 @@ fn gpu_batched_prefill_matches_the_cpu_and_single_positions() {
         } else {
             // Same weights and caches, the products summed in another order.
             let (err, pos) = worst_row_rel_error(&got, &single, vocab);
-            assert!(err <= LOGIT_TOL, "batch {batch} vs 1: position {pos}: {err:.2e}");
+            assert!(
+                err <= LOGIT_TOL,
+                "batch {batch} vs 1: position {pos}: {err:.2e}"
+            );
         }
         gpu.reset();
         gpu.forward(&prompt).unwrap();

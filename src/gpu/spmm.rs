@@ -115,7 +115,12 @@ impl Gpu {
                 0,
             ])?;
             let mut buffers: Vec<&wgpu::Buffer> = vec![&params];
-            buffers.extend(c.planes.iter().chain(std::iter::repeat(&self.dummy)).take(4));
+            buffers.extend(
+                c.planes
+                    .iter()
+                    .chain(std::iter::repeat(&self.dummy))
+                    .take(4),
+            );
             buffers.extend([&x.buffer, &y.buffer, res]);
             let bind = self.bind(&layout, &buffers)?;
             let groups = row_groups as u64 * n.div_ceil(BATCH_TILE) as u64;

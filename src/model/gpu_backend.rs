@@ -12,7 +12,10 @@ use super::sampler::Sampler;
 use crate::format::Tensor;
 use crate::gpu::{AttentionDims, Gpu, GpuError, GpuMatrix, GpuVector, Prologue};
 
-/// The most positions one pass takes (see [`Backend::max_batch`]).
+/// The most positions one pass takes (see [`Backend::max_batch`]), and the prompt positions a pass
+/// takes by default: spmm.wgsl works on 128 positions at a time, and the 5120-row products of Phi-4
+/// fill an H100 only with several such tiles (pp512 on an H100: 385 tok/s in batches of 512, 373 in
+/// batches of 256, 264 in batches of 64; BENCHMARKS.md).
 const MAX_BATCH: usize = 512;
 
 pub struct GpuBackend {
@@ -303,6 +306,10 @@ impl Backend for GpuBackend {
         } else {
             1
         }
+    }
+
+    fn prefill_batch(&self) -> usize {
+        self.max_batch()
     }
 
     fn embed(&mut self, table: &GpuMatrix, tokens: &[u32], out: &mut GpuVector) {
