@@ -14,8 +14,9 @@ use crate::gpu::{AttentionDims, Gpu, GpuError, GpuMatrix, GpuVector, Prologue};
 
 /// The most positions one pass takes (see [`Backend::max_batch`]), and the prompt positions a pass
 /// takes by default: spmm.wgsl works on 128 positions at a time, and the 5120-row products of Phi-4
-/// fill an H100 only with several such tiles (pp512 on an H100: 385 tok/s in batches of 512, 373 in
-/// batches of 256, 264 in batches of 64; BENCHMARKS.md).
+/// fill an H100 only with several such tiles (pp512 by `generate` on an H100: 406 tok/s in batches of
+/// 512, 386 in batches of 256; BENCHMARKS.md). The cap keeps the one-dimensional launches over rows
+/// (rmsnorm, attention's rows x heads for up to 127 heads) inside 65535 workgroups.
 const MAX_BATCH: usize = 512;
 
 pub struct GpuBackend {
@@ -299,8 +300,7 @@ impl Backend for GpuBackend {
     }
 
     fn max_batch(&self) -> usize {
-        // Batches go through spmm.wgsl where the device has its workgroup memory; the cap keeps the
-        // one-dimensional launches over rows (rmsnorm, attention's rows x heads) inside 65535.
+        // Batches go through spmm.wgsl where the device has its workgroup memory.
         if self.gpu.has_batched_product() {
             MAX_BATCH
         } else {
