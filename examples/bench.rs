@@ -19,6 +19,7 @@
 //! (qkv, gate_up), and silu(gate) * up of a 2 * cols input staged with it plus the residual add in
 //! place (down). `gemv_q4` is the q4 codec (group 32), Phi-4's lm_head at 100352 x 5120.
 //!
+//! `spmm` is the batched product of prefill at `--batch` x rows (tok/s: rows of x per second).
 //! `pp` and `tg` (ops `pp`, `tg`) are prompt processing and token generation on a synthetic model
 //! (`--model-size tiny|phi-4-mini|phi-4`), like llama-bench's pp512 / tg128: tok/s in `tok_s`.
 //! `--merge a.json b.json ...` prints one table from the JSON files of several machines, all their rows
@@ -49,9 +50,12 @@ struct Args {
     /// Adapter name substring, `all` for every adapter, or `cpu` for the CPU path.
     #[arg(long)]
     adapter: Option<String>,
-    /// Comma-separated: copy, spmv, spmv_norm, spmv_swiglu, gemv_f16, gemv_q4, decompress, pp, tg.
+    /// Comma-separated: copy, spmv, spmv_norm, spmv_swiglu, gemv_f16, gemv_q4, decompress, spmm, pp, tg.
     #[arg(long, default_value = "copy,spmv,gemv_f16,decompress,pp,tg")]
     ops: String,
+    /// Comma-separated batch sizes (rows of x) of the spmm op.
+    #[arg(long, default_value = "64,512")]
+    batch: String,
     /// Synthetic model of the pp / tg rows: tiny, phi-4-mini or phi-4.
     #[arg(long, default_value = "tiny")]
     model_size: String,
@@ -620,8 +624,39 @@ impl Bench<'_> {
                 )?;
                 Ok(())
             }
+            "spmm" => {
+                let ws = uploads(gpu, sparse)?;
+                let n = ws.len();
+                for batch in self
+                    .args
+                    .batch
+                    .split(',')
+                    .map(|b| b.trim().parse::<usize>())
+                {
+                    let batch =
+                        batch.map_err(|e| upg::gpu::GpuError::Shape(format!("--batch: {e}")))?;
+                    let x = gpu.vector(&rng.normal_vec(batch * cols, 1.0))?;
+                    let y = gpu.zeros(batch * rows)?;
+                    self.measure(
+                        gpu,
+                        op,
+                        format!("{label} n={batch}"),
+                        shape,
+                        sparse.stored_bytes() as u64,
+                        n,
+                        |pass, i| gpu.matmat(pass, &ws[i % n], &x, &y, batch, None),
+                    )?;
+                    if let Some(r) = self.rows.last_mut() {
+                        r.tok_s = Some(batch as f64 * 1e6 / r.median_us);
+                        // Kept weights (half) times rows of x, two flops each.
+                        let tflops = (rows * cols * batch) as f64 / r.median_us / 1e6;
+                        eprintln!("    spmm n={batch}: {tflops:.2} TFLOP/s of kept weights");
+                    }
+                }
+                Ok(())
+            }
             other => {
-                eprintln!("unknown op '{other}' (use copy, spmv, spmv_norm, spmv_swiglu, gemv_f16, gemv_q4, decompress, pp, tg)");
+                eprintln!("unknown op '{other}' (use copy, spmv, spmv_norm, spmv_swiglu, gemv_f16, gemv_q4, decompress, spmm, pp, tg)");
                 Ok(())
             }
         }
@@ -773,7 +808,9 @@ fn bench_model<B: upg::model::Backend>(
         );
         rows.push(r);
     };
-    // One untimed pass builds the pipelines.
+    // Untimed passes build the pipelines of a batch and of a single position.
+    model.forward(&tokens(2))?;
+    model.sample(&mut Sampler::greedy())?;
     model.forward(&tokens(1))?;
     model.sample(&mut Sampler::greedy())?;
     if ops.contains(&"pp") {

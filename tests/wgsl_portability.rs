@@ -47,6 +47,13 @@ fn override_sets(k: Kernel) -> Vec<Vec<(&'static str, f64)>> {
             vec![vec![], vec![("KV_F16", 0.0)]]
         }
         Kernel::Embed => vec![vec![], vec![("CODEC", 1.0)], vec![("CODEC", 2.0)]],
+        Kernel::Spmm => vec![
+            vec![],
+            vec![("GROUP_BLOCKS", 4.0), ("RESIDUAL", 1.0)],
+            vec![("CODEC", 1.0), ("RESIDUAL", 2.0)],
+            vec![("CODEC", 2.0)],
+            vec![("CODEC", 3.0), ("GROUP_CHUNKS", 2.0)],
+        ],
         Kernel::Copy
         | Kernel::Rmsnorm
         | Kernel::Rope

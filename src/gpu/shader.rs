@@ -27,6 +27,7 @@ pub enum Kernel {
     Add,
     Argmax,
     Embed,
+    Spmm,
 }
 
 /// How a kernel uses one binding of group 0.
@@ -69,7 +70,7 @@ impl Variant {
 use Binding::{Read, ReadWrite, Uniform};
 
 impl Kernel {
-    pub const ALL: [Kernel; 17] = [
+    pub const ALL: [Kernel; 18] = [
         Kernel::Copy,
         Kernel::Spmv,
         Kernel::Decompress,
@@ -87,13 +88,14 @@ impl Kernel {
         Kernel::Add,
         Kernel::Argmax,
         Kernel::Embed,
+        Kernel::Spmm,
     ];
 
     /// Whether every loop of the kernel runs a count fixed before it starts, so that wgpu's loop
     /// bounding (a counter and a branch per iteration, against GPU hangs) can be left out: on an H100
     /// it made spmv 25-35% slower (BENCHMARKS.md).
     pub fn loops_end(self) -> bool {
-        matches!(self, Kernel::Spmv | Kernel::Decompress | Kernel::GemvQ4)
+        matches!(self, Kernel::Spmv | Kernel::Decompress | Kernel::GemvQ4 | Kernel::Spmm)
     }
 
     /// Whether the file declares the override constant `name`.
@@ -125,6 +127,7 @@ impl Kernel {
             Kernel::Add => "add.wgsl",
             Kernel::Argmax => "argmax.wgsl",
             Kernel::Embed => "embed.wgsl",
+            Kernel::Spmm => "spmm.wgsl",
         }
     }
 
@@ -148,6 +151,7 @@ impl Kernel {
             Kernel::Add => include_str!("../../wgsl/add.wgsl"),
             Kernel::Argmax => include_str!("../../wgsl/argmax.wgsl"),
             Kernel::Embed => include_str!("../../wgsl/embed.wgsl"),
+            Kernel::Spmm => include_str!("../../wgsl/spmm.wgsl"),
         }
     }
 
@@ -171,6 +175,7 @@ impl Kernel {
             Kernel::Add => &[Uniform, ReadWrite, Read],
             Kernel::Argmax => &[Uniform, Read, ReadWrite],
             Kernel::Embed => &[Uniform, Read, Read, ReadWrite, Read],
+            Kernel::Spmm => &[Uniform, Read, Read, Read, Read, Read, ReadWrite, Read],
         }
     }
 

@@ -12,6 +12,13 @@ use super::sampler::Sampler;
 use crate::format::Tensor;
 use crate::gpu::{AttentionDims, Gpu, GpuError, GpuMatrix, GpuVector, Prologue};
 
+/// The most positions one pass takes (see [`Backend::max_batch`]), and the prompt positions a pass
+/// takes by default: spmm.wgsl works on 128 positions at a time, and the 5120-row products of Phi-4
+/// fill an H100 only with several such tiles (pp512 by `generate` on an H100: 406 tok/s in batches of
+/// 512, 386 in batches of 256; BENCHMARKS.md). The cap keeps the one-dimensional launches over rows
+/// (rmsnorm, attention's rows x heads for up to 127 heads) inside 65535 workgroups.
+const MAX_BATCH: usize = 512;
+
 pub struct GpuBackend {
     gpu: Gpu,
     /// KV cache as f16 pairs (half the memory and traffic) or f32 (the exact path).
@@ -255,6 +262,26 @@ fn product_label(what: &str, w: &GpuMatrix) -> String {
     format!("{what} {:?} {}x{}", w.codec, w.rows, w.cols)
 }
 
+/// y = W x for n rows (y += W x with `add`): one vector through the decode kernels, a batch through
+/// spmm.wgsl.
+fn product(
+    gpu: &Gpu,
+    pass: &mut wgpu::ComputePass<'static>,
+    w: &GpuMatrix,
+    x: &GpuVector,
+    y: &GpuVector,
+    n: usize,
+    add: bool,
+) -> crate::gpu::Result<()> {
+    let (x, y) = (view(x, n * w.cols), view(y, n * w.rows));
+    let residual = add.then_some(&y);
+    if n == 1 {
+        gpu.matvec(pass, w, &x, &y, residual)
+    } else {
+        gpu.matmat(pass, w, &x, &y, n, residual)
+    }
+}
+
 /// A view of `len` values of a device buffer (the kernels check lengths against matrix shapes).
 fn view(v: &GpuVector, len: usize) -> GpuVector {
     GpuVector {
@@ -316,8 +343,16 @@ impl Backend for GpuBackend {
     }
 
     fn max_batch(&self) -> usize {
-        // matvec takes one vector; batched prefill waits for a sparse x dense-batch kernel.
-        1
+        // Batches go through spmm.wgsl where the device has its workgroup memory.
+        if self.gpu.has_batched_product() {
+            MAX_BATCH
+        } else {
+            1
+        }
+    }
+
+    fn prefill_batch(&self) -> usize {
+        self.max_batch()
     }
 
     fn embed(&mut self, table: &GpuMatrix, tokens: &[u32], out: &mut GpuVector) {
@@ -336,29 +371,14 @@ impl Backend for GpuBackend {
     fn matmul(&mut self, w: &GpuMatrix, x: &GpuVector, y: &mut GpuVector, n: usize) {
         self.record(
             || product_label("matmul", w),
-            |gpu, pass| {
-                if n != 1 {
-                    return Err(GpuError::Shape(format!(
-                        "matmul of {n} vectors; this backend takes 1"
-                    )));
-                }
-                gpu.matvec(pass, w, &view(x, w.cols), &view(y, w.rows), None)
-            },
+            |gpu, pass| product(gpu, pass, w, x, y, n, false),
         );
     }
 
     fn matmul_add(&mut self, w: &GpuMatrix, x: &GpuVector, y: &mut GpuVector, n: usize) {
         self.record(
             || product_label("matmul+add", w),
-            |gpu, pass| {
-                if n != 1 {
-                    return Err(GpuError::Shape(format!(
-                        "matmul of {n} vectors; this backend takes 1"
-                    )));
-                }
-                let y = view(y, w.rows);
-                gpu.matvec(pass, w, &view(x, w.cols), &y, Some(&y))
-            },
+            |gpu, pass| product(gpu, pass, w, x, y, n, true),
         );
     }
 
