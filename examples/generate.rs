@@ -84,6 +84,9 @@ struct Args {
     /// Prompt length in tokens for --synthetic runs (random ids).
     #[arg(long, default_value_t = 32)]
     prompt_len: usize,
+    /// Prompt positions per pass (the backend may allow fewer); default: the backend's choice.
+    #[arg(long)]
+    batch: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -180,7 +183,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     match pick_gpu(args.backend)? {
         Some(gpu) => {
             let backend = GpuBackend::new(gpu, kv_f16)?;
-            let model = Phi3::new(config, weights, backend, ctx)?;
+            let batch = args.batch.unwrap_or(backend.prefill_batch());
+            let model = Phi3::with_batch(config, weights, backend, ctx, batch)?;
             decode(
                 model,
                 &args,
@@ -191,7 +195,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             )
         }
         None => {
-            let model = Phi3::new(config, weights, Cpu::new(), ctx)?;
+            let backend = Cpu::new();
+            let batch = args.batch.unwrap_or(backend.prefill_batch());
+            let model = Phi3::with_batch(config, weights, backend, ctx, batch)?;
             decode(
                 model,
                 &args,

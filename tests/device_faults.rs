@@ -12,7 +12,6 @@ use std::time::Duration;
 use model_common::fixture;
 use upg::gpu::{gpu_or_skip, GpuError, GpuOptions, LimitOverrides};
 use upg::model::device_fit::Footprint;
-use upg::model::phi3::PREFILL_BATCH;
 use upg::model::{
     Backend, Checkpoint, CodecPlan, Config, GpuBackend, HostWeights, ModelError, Phi3, Sampler,
     SamplerConfig,
@@ -29,28 +28,30 @@ fn prompt() -> Vec<u32> {
     vec![1, 17, 42, 5]
 }
 
-/// The footprint of the fixture on `backend` as `Phi3::new` will lay it out.
+/// The footprint of the fixture on `backend` as `Phi3::with_batch` will lay it out.
 fn footprint(
     backend: &GpuBackend,
     config: &Config,
     weights: &HostWeights,
     ctx: usize,
+    batch: usize,
     kv_f16: bool,
 ) -> Footprint {
-    let rows = ctx.min(PREFILL_BATCH).min(backend.max_batch());
+    let rows = ctx.min(batch).min(backend.max_batch());
     Footprint::of(backend.gpu(), config, weights, ctx, rows, kv_f16).unwrap()
 }
 
 #[test]
 fn the_fit_estimate_is_what_the_upload_makes() {
-    // (plan, f16 KV cache, ctx, largest binding): the small binding splits every matrix into chunks.
+    // (plan, f16 KV cache, ctx, prompt batch (None: the backend's), largest binding): the small
+    // binding splits every matrix into chunks (and takes only one position a pass).
     let cases = [
-        (CodecPlan::compressed(), true, 64, None),
-        (CodecPlan::exact(), false, 37, None),
-        (CodecPlan::compressed(), false, 16, Some(4096)),
-        (CodecPlan::exact(), true, 20, Some(4096)),
+        (CodecPlan::compressed(), true, 64, None, None),
+        (CodecPlan::exact(), false, 37, Some(5), None),
+        (CodecPlan::compressed(), false, 16, Some(1), Some(4096)),
+        (CodecPlan::exact(), true, 20, Some(1), Some(4096)),
     ];
-    for (plan, kv_f16, ctx, binding) in cases {
+    for (plan, kv_f16, ctx, batch, binding) in cases {
         let opts = GpuOptions {
             limits: LimitOverrides {
                 max_binding_bytes: binding,
@@ -63,16 +64,20 @@ fn the_fit_estimate_is_what_the_upload_makes() {
         };
         let (config, weights) = fixture_weights(&plan);
         let backend = GpuBackend::new(gpu, kv_f16).unwrap();
-        let fp = footprint(&backend, &config, &weights, ctx, kv_f16);
-        let mut model = Phi3::new(config, weights, backend, ctx).unwrap();
-        println!(
-            "{:?} linear, kv f16 {kv_f16}, ctx {ctx}, binding {binding:?}: {fp:?}, {} bytes made",
-            plan.linear,
-            model.backend().device_bytes()
-        );
-        assert_eq!(fp.total(), model.backend().device_bytes());
+        let batch = batch.unwrap_or(backend.prefill_batch());
+        let fp = footprint(&backend, &config, &weights, ctx, batch, kv_f16);
+        let mut model = Phi3::with_batch(config, weights, backend, ctx, batch).unwrap();
+        let loaded = model.backend().device_bytes();
+        // The decode attention's scratch is made at the first decoded token.
         let out = model.generate(&prompt(), 4, &mut Sampler::greedy(), &[], |_| {});
         assert_eq!(out.unwrap().tokens.len(), 4);
+        let made = model.backend().device_bytes();
+        println!(
+            "{:?} linear, kv f16 {kv_f16}, ctx {ctx}, batch {batch}, binding {binding:?}: {fp:?}; {loaded} bytes made at load, {made} after a generation",
+            plan.linear
+        );
+        assert!(loaded <= made);
+        assert_eq!(fp.total(), made);
     }
 }
 
@@ -84,14 +89,9 @@ fn a_model_larger_than_the_device_is_refused_before_upload() {
     println!("the driver's device memory: {:?}", probe.memory());
     let (config, weights) = fixture_weights(&CodecPlan::compressed());
     let ctx = 64;
-    let need = footprint(
-        &GpuBackend::new(probe, true).unwrap(),
-        &config,
-        &weights,
-        ctx,
-        true,
-    )
-    .total();
+    let backend = GpuBackend::new(probe, true).unwrap();
+    let batch = backend.prefill_batch();
+    let need = footprint(&backend, &config, &weights, ctx, batch, true).total();
     // One byte short of the estimate is refused; the estimate itself fits.
     for (memory, fits) in [(need - 1, false), (need, true)] {
         let gpu = gpu_or_skip(GpuOptions {
@@ -118,7 +118,8 @@ fn a_model_larger_than_the_device_is_refused_before_upload() {
 
 #[test]
 fn a_buffer_over_the_largest_binding_is_refused_before_upload() {
-    // The f32 KV cache of one layer at ctx 64 is 64 x 64 x 4 = 16 KiB.
+    // The f32 KV cache of one layer at ctx 64 is 64 x 64 x 4 = 16 KiB; one position a pass keeps the
+    // activations under 8 KiB.
     let opts = GpuOptions {
         limits: LimitOverrides {
             max_binding_bytes: Some(8192),
@@ -131,7 +132,7 @@ fn a_buffer_over_the_largest_binding_is_refused_before_upload() {
     };
     let (config, weights) = fixture_weights(&CodecPlan::compressed());
     let backend = GpuBackend::new(gpu, false).unwrap();
-    let err = Phi3::new(config, weights, backend, 64).err().unwrap();
+    let err = Phi3::with_batch(config, weights, backend, 64, 1).err().unwrap();
     let msg = err.to_string();
     println!("{msg}");
     assert!(matches!(err, ModelError::DoesNotFit { .. }), "{err:?}");

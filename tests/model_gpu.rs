@@ -19,6 +19,21 @@ fn load_gpu(name: &str, plan: &CodecPlan, ctx: usize, kv_f16: bool) -> Option<Ph
     Some(Phi3::new(ckpt.config.clone(), weights, backend, ctx).expect("model builds"))
 }
 
+/// [`load_gpu`] with prompts fed `batch` positions a pass.
+fn load_gpu_batch(
+    name: &str,
+    plan: &CodecPlan,
+    ctx: usize,
+    kv_f16: bool,
+    batch: usize,
+) -> Option<Phi3<GpuBackend>> {
+    let gpu = gpu_or_skip(GpuOptions::default())?;
+    let ckpt = Checkpoint::open(&fixture(name)).expect("fixture opens");
+    let weights = HostWeights::from_checkpoint(&ckpt, plan).expect("weights load");
+    let backend = GpuBackend::new(gpu, kv_f16).expect("backend");
+    Some(Phi3::with_batch(ckpt.config.clone(), weights, backend, ctx, batch).expect("model builds"))
+}
+
 fn load_cpu(name: &str, plan: &CodecPlan, ctx: usize) -> Phi3<Cpu> {
     let ckpt = Checkpoint::open(&fixture(name)).expect("fixture opens");
     let weights = HostWeights::from_checkpoint(&ckpt, plan).expect("weights load");
@@ -162,5 +177,58 @@ fn gpu_decoding_ahead_stops_and_continues_like_the_cpu() {
         assert_eq!(g2.tokens, c2.tokens, "continued after max {max}");
         cpu.reset();
         gpu.reset();
+    }
+}
+
+/// Prefill in batches (the products through spmm.wgsl; a batch of 7 makes the prompt span several
+/// passes) gives the CPU backend's logits for the same compressed weights, both with f32 KV caches, and
+/// the GPU's own logits when it is fed one position a pass (spmv.wgsl); a plain forward's last logits
+/// are the last row of forward_all (the lm_head of the last position only).
+#[test]
+fn gpu_batched_prefill_matches_the_cpu_and_single_positions() {
+    let r = reference(&fixture("phi3-tiny"));
+    let prompt = r["tokens"].ids();
+    let plan = CodecPlan::compressed();
+    let mut cpu = load_cpu("phi3-tiny", &plan, 64);
+    let vocab = cpu.config.vocab_size;
+    let want: Vec<f64> = cpu
+        .forward_all(&prompt)
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let mut single = Vec::new();
+    for batch in [1, 7, 64] {
+        let Some(mut gpu) = load_gpu_batch("phi3-tiny", &plan, 64, false, batch) else {
+            return;
+        };
+        let got = gpu.forward_all(&prompt).unwrap();
+        let (err, pos) = worst_row_rel_error(&got, &want, vocab);
+        println!(
+            "batch {batch}, {} positions: GPU vs CPU worst relative error {err:.2e} at position {pos}",
+            prompt.len()
+        );
+        assert!(err <= LOGIT_TOL, "batch {batch}: position {pos}: {err:.2e}");
+        if batch == 1 {
+            single = got.iter().map(|&v| v as f64).collect();
+        } else {
+            // Same weights and caches, the products summed in another order.
+            let (err, pos) = worst_row_rel_error(&got, &single, vocab);
+            assert!(
+                err <= LOGIT_TOL,
+                "batch {batch} vs 1: position {pos}: {err:.2e}"
+            );
+        }
+        gpu.reset();
+        gpu.forward(&prompt).unwrap();
+        let last = gpu.logits().unwrap();
+        let all_last: Vec<f64> = got[(prompt.len() - 1) * vocab..]
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        // One row through gemv_q4 against a batch through spmm.wgsl: f32 sums of the same 128
+        // products in another order.
+        let (err, _) = worst_row_rel_error(&last, &all_last, vocab);
+        assert!(err <= 1e-5, "batch {batch}: last logits: {err:.2e}");
     }
 }

@@ -20,6 +20,7 @@ mod error;
 mod kernels;
 mod matrix;
 pub mod shader;
+mod spmm;
 mod transformer;
 
 pub use buffers::GpuVector;

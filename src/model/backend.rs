@@ -119,6 +119,11 @@ pub trait Backend {
         Ok(())
     }
 
+    /// Positions per prompt pass of [`crate::model::Phi3::new`].
+    fn prefill_batch(&self) -> usize {
+        crate::model::phi3::PREFILL_BATCH
+    }
+
     /// out[t] = row `tokens[t]` of `table` [vocab, width]. Token ids are < vocab (checked by the model).
     fn embed(&mut self, table: &Self::Matrix, tokens: &[u32], out: &mut Self::Buffer);
 

@@ -8,7 +8,7 @@ use super::config::Config;
 use super::error::{ModelError, Result};
 use super::weights::HostWeights;
 use crate::format::MatrixSpec;
-use crate::gpu::{Gpu, GpuVector};
+use crate::gpu::{AttentionDims, Gpu, GpuVector};
 
 const MIB: f64 = (1u64 << 20) as f64;
 
@@ -25,6 +25,18 @@ pub struct Footprint {
     pub largest: (String, u64),
 }
 
+/// f32 values of the scratch buffer of the decode attention, made at the first decoded token.
+fn attention_partials(c: &Config, ctx: usize, kv_f16: bool) -> usize {
+    let dims = AttentionDims {
+        heads: c.num_attention_heads,
+        kv_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+        window: c.sliding_window.unwrap_or(0),
+        kv_f16,
+    };
+    Gpu::attention_partials_len(&dims, Gpu::attention_chunks(ctx))
+}
+
 impl Footprint {
     pub fn total(&self) -> u64 {
         self.weights + self.kv_cache + self.activations
@@ -32,7 +44,8 @@ impl Footprint {
 
     /// What [`Phi3`](super::Phi3) on [`GpuBackend`](super::GpuBackend) will allocate for `weights`
     /// with a KV cache of `ctx` positions (f16 pairs when `kv_f16`) and activations for `rows`
-    /// positions. Mirrors the buffers of `Phi3::with_batch` and the sizes of `GpuBackend`.
+    /// positions, once it has decoded a token. Mirrors the buffers of `Phi3::with_batch` and the sizes
+    /// of `GpuBackend`.
     pub fn of(
         gpu: &Gpu,
         config: &Config,
@@ -81,6 +94,10 @@ impl Footprint {
             ("the MLP activations", rows * c.intermediate_size),
             ("the last hidden state", c.hidden_size),
             ("the logits", rows * c.vocab_size),
+            (
+                "the split attention's partial results",
+                attention_partials(c, ctx, kv_f16),
+            ),
         ] {
             buffers.push((name.to_string(), vector(len)));
         }
@@ -108,7 +125,7 @@ impl Footprint {
             return Err(ModelError::DoesNotFit {
                 adapter,
                 reason: format!(
-                    "{name} takes {bytes} bytes, over the device's largest storage binding of {max} bytes: use a smaller --ctx (now {ctx})"
+                    "{name} takes {bytes} bytes, over the device's largest storage binding of {max} bytes: use a smaller --ctx (now {ctx}) or prompt batch (--batch)"
                 ),
             });
         }

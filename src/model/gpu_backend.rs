@@ -12,6 +12,13 @@ use super::sampler::Sampler;
 use crate::format::Tensor;
 use crate::gpu::{AttentionDims, Gpu, GpuError, GpuMatrix, GpuVector, Prologue};
 
+/// The most positions one pass takes (see [`Backend::max_batch`]), and the prompt positions a pass
+/// takes by default: spmm.wgsl works on 128 positions at a time, and the 5120-row products of Phi-4
+/// fill an H100 only with several such tiles (pp512 by `generate` on an H100: 406 tok/s in batches of
+/// 512, 386 in batches of 256; BENCHMARKS.md). The cap keeps the one-dimensional launches over rows
+/// (rmsnorm, attention's rows x heads for up to 127 heads) inside 65535 workgroups.
+const MAX_BATCH: usize = 512;
+
 pub struct GpuBackend {
     gpu: Gpu,
     /// KV cache as f16 pairs (half the memory and traffic) or f32 (the exact path).
@@ -24,6 +31,9 @@ pub struct GpuBackend {
     /// recorded pass expects in it.
     step: wgpu::Buffer,
     start: Option<usize>,
+    /// Per-chunk partial softmaxes of the split decode attention, shared by all layers; sized on
+    /// first use.
+    attention_partials: Option<wgpu::Buffer>,
     /// Ops recorded since the last read-back, and in the pass that ended with it.
     ops: usize,
     last_ops: usize,
@@ -66,6 +76,7 @@ impl GpuBackend {
             token,
             step,
             start: None,
+            attention_partials: None,
             ops: 0,
             last_ops: 0,
             recording_time: std::time::Duration::ZERO,
@@ -210,11 +221,70 @@ impl GpuBackend {
         }
         Ok(out)
     }
+
+    /// [`Gpu::attention_decode`] of the one row of a decode step, with the partials buffer kept
+    /// from step to step.
+    fn attention_decode(
+        &mut self,
+        qkv: &GpuVector,
+        k: &GpuVector,
+        v: &GpuVector,
+        out: &GpuVector,
+        dims: &AttentionDims,
+        ctx: usize,
+    ) {
+        let chunks = Gpu::attention_chunks(ctx);
+        let len = Gpu::attention_partials_len(dims, chunks);
+        let partials = match self.attention_partials.take() {
+            Some(b) if b.size() >= 4 * len as u64 => b,
+            // NaN, not zeros: a chunk the combine reads before the split writes it shows in the
+            // output (every attention test would fail) instead of passing as a stale finite value.
+            _ => match self.gpu.vector(&vec![f32::NAN; len]) {
+                Ok(v) => {
+                    self.device_bytes += v.buffer.size();
+                    v.buffer
+                }
+                Err(e) => {
+                    self.error.get_or_insert(e);
+                    return;
+                }
+            },
+        };
+        self.attention_partials = Some(partials.clone());
+        let step = self.step.clone();
+        self.record(
+            || "attention".into(),
+            |gpu, pass| {
+                let (q, k, v, o) = (&qkv.buffer, &k.buffer, &v.buffer, &out.buffer);
+                gpu.attention_decode(pass, q, k, v, &partials, o, &step, dims, chunks)
+            },
+        );
+    }
 }
 
 /// The profile's name of a product: codec and shape (the shape tells Phi-4's projections apart).
 fn product_label(what: &str, w: &GpuMatrix) -> String {
     format!("{what} {:?} {}x{}", w.codec, w.rows, w.cols)
+}
+
+/// y = W x for n rows (y += W x with `add`): one vector through the decode kernels, a batch through
+/// spmm.wgsl.
+fn product(
+    gpu: &Gpu,
+    pass: &mut wgpu::ComputePass<'static>,
+    w: &GpuMatrix,
+    x: &GpuVector,
+    y: &GpuVector,
+    n: usize,
+    add: bool,
+) -> crate::gpu::Result<()> {
+    let (x, y) = (view(x, n * w.cols), view(y, n * w.rows));
+    let residual = add.then_some(&y);
+    if n == 1 {
+        gpu.matvec(pass, w, &x, &y, residual)
+    } else {
+        gpu.matmat(pass, w, &x, &y, n, residual)
+    }
 }
 
 /// A view of `len` values of a device buffer (the kernels check lengths against matrix shapes).
@@ -289,8 +359,16 @@ impl Backend for GpuBackend {
     }
 
     fn max_batch(&self) -> usize {
-        // matvec takes one vector; batched prefill waits for a sparse x dense-batch kernel.
-        1
+        // Batches go through spmm.wgsl where the device has its workgroup memory.
+        if self.gpu.has_batched_product() {
+            MAX_BATCH
+        } else {
+            1
+        }
+    }
+
+    fn prefill_batch(&self) -> usize {
+        self.max_batch()
     }
 
     fn embed(&mut self, table: &GpuMatrix, tokens: &[u32], out: &mut GpuVector) {
@@ -309,29 +387,14 @@ impl Backend for GpuBackend {
     fn matmul(&mut self, w: &GpuMatrix, x: &GpuVector, y: &mut GpuVector, n: usize) {
         self.record(
             || product_label("matmul", w),
-            |gpu, pass| {
-                if n != 1 {
-                    return Err(GpuError::Shape(format!(
-                        "matmul of {n} vectors; this backend takes 1"
-                    )));
-                }
-                gpu.matvec(pass, w, &view(x, w.cols), &view(y, w.rows), None)
-            },
+            |gpu, pass| product(gpu, pass, w, x, y, n, false),
         );
     }
 
     fn matmul_add(&mut self, w: &GpuMatrix, x: &GpuVector, y: &mut GpuVector, n: usize) {
         self.record(
             || product_label("matmul+add", w),
-            |gpu, pass| {
-                if n != 1 {
-                    return Err(GpuError::Shape(format!(
-                        "matmul of {n} vectors; this backend takes 1"
-                    )));
-                }
-                let y = view(y, w.rows);
-                gpu.matvec(pass, w, &view(x, w.cols), &y, Some(&y))
-            },
+            |gpu, pass| product(gpu, pass, w, x, y, n, true),
         );
     }
 
@@ -421,6 +484,9 @@ impl Backend for GpuBackend {
     ) {
         let dims = self.dims(s);
         self.set_start(start);
+        if n == 1 {
+            return self.attention_decode(qkv, k, v, out, &dims, s.ctx);
+        }
         let step = self.step.clone();
         self.record(
             || "attention".into(),

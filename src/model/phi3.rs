@@ -15,8 +15,8 @@ use super::rope::{FactorSet, RopeTable};
 use super::sampler::Sampler;
 use super::weights::{HostWeights, Weights};
 
-/// Positions per prefill batch: bounds the activation buffers (the logits of a batch are
-/// [PREFILL_BATCH, vocab]).
+/// Positions per prefill batch unless the backend says otherwise ([`Backend::prefill_batch`]): bounds
+/// the activation buffers (the logits of a batch are [PREFILL_BATCH, vocab]).
 pub const PREFILL_BATCH: usize = 64;
 
 /// Keys and values of every layer for positions 0..len, and the tokens they came from.
@@ -92,9 +92,11 @@ pub struct Generation {
 }
 
 impl<B: Backend> Phi3<B> {
-    /// A model with a KV cache of `ctx` positions (at most max_position_embeddings).
+    /// A model with a KV cache of `ctx` positions (at most max_position_embeddings), prompts fed
+    /// [`Backend::prefill_batch`] positions at a time.
     pub fn new(config: Config, weights: HostWeights, backend: B, ctx: usize) -> Result<Self> {
-        Self::with_batch(config, weights, backend, ctx, PREFILL_BATCH)
+        let batch = backend.prefill_batch();
+        Self::with_batch(config, weights, backend, ctx, batch)
     }
 
     /// [`Self::new`] with prompts processed `batch` positions at a time.
