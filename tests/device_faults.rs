@@ -132,7 +132,9 @@ fn a_buffer_over_the_largest_binding_is_refused_before_upload() {
     };
     let (config, weights) = fixture_weights(&CodecPlan::compressed());
     let backend = GpuBackend::new(gpu, false).unwrap();
-    let err = Phi3::with_batch(config, weights, backend, 64, 1).err().unwrap();
+    let err = Phi3::with_batch(config, weights, backend, 64, 1)
+        .err()
+        .unwrap();
     let msg = err.to_string();
     println!("{msg}");
     assert!(matches!(err, ModelError::DoesNotFit { .. }), "{err:?}");
