@@ -26,7 +26,7 @@ use upg::model::{Checkpoint, CodecPlan, TextTokenizer};
 enum CodecArg {
     Sparse,
     Q4,
-    /// Dense 3-bit, group 128 (CPU only for now).
+    /// Dense 3-bit, group 128.
     Q3,
     F16,
     F32,

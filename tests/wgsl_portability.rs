@@ -27,9 +27,19 @@ fn override_sets(k: Kernel) -> Vec<Vec<(&'static str, f64)>> {
         ],
         Kernel::Decompress => vec![vec![], vec![("OUT_F32", 1.0), ("GROUP_BLOCKS", 3.0)]],
         Kernel::GemvQ4 => vec![vec![], vec![("GROUP_CHUNKS", 2.0), ("RESIDUAL", 1.0)]],
+        Kernel::GemvQ3 => vec![
+            vec![],
+            vec![("GROUP_RUNS", 1.0), ("ROWS", 4.0), ("RESIDUAL", 1.0)],
+            vec![("GROUP_RUNS", 2.0), ("ROWS", 1.0), ("RESIDUAL", 2.0)],
+        ],
         Kernel::GemvF16 | Kernel::GemvF32 => vec![vec![], vec![("RESIDUAL", 2.0)]],
         Kernel::KvStore | Kernel::RopeKv | Kernel::Attention => vec![vec![], vec![("KV_F16", 0.0)]],
-        Kernel::Embed => vec![vec![], vec![("CODEC", 1.0)], vec![("CODEC", 2.0)]],
+        Kernel::Embed => vec![
+            vec![],
+            vec![("CODEC", 1.0)],
+            vec![("CODEC", 2.0)],
+            vec![("CODEC", 3.0)],
+        ],
         Kernel::Copy
         | Kernel::Rmsnorm
         | Kernel::Rope

@@ -36,6 +36,8 @@ pub struct GpuOptions {
     /// Bench knob: override constants of spmv.wgsl (e.g. SLICES, TILE_BLOCKS) that replace the
     /// launcher's choice or add to it.
     pub spmv_overrides: Vec<(String, f64)>,
+    /// Bench knob: override constants of gemv_q3.wgsl (e.g. ROWS).
+    pub q3_overrides: Vec<(String, f64)>,
 }
 
 impl Default for GpuOptions {
@@ -49,6 +51,7 @@ impl Default for GpuOptions {
             runtime_checks: true,
             limits: LimitOverrides::default(),
             spmv_overrides: Vec::new(),
+            q3_overrides: Vec::new(),
         }
     }
 }
@@ -124,6 +127,7 @@ pub struct Gpu {
     limits: Limits,
     runtime_checks: bool,
     pub(crate) spmv_overrides: Vec<(String, f64)>,
+    pub(crate) q3_overrides: Vec<(String, f64)>,
     layouts: Mutex<HashMap<Kernel, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>>,
     modules: Mutex<HashMap<Kernel, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
@@ -282,6 +286,7 @@ impl Gpu {
             limits,
             runtime_checks: opts.runtime_checks,
             spmv_overrides: opts.spmv_overrides.clone(),
+            q3_overrides: opts.q3_overrides.clone(),
             layouts: Mutex::default(),
             modules: Mutex::default(),
             pipelines: Mutex::default(),

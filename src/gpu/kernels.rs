@@ -151,13 +151,32 @@ impl Gpu {
                     vec![("GROUP_CHUNKS", (group / 32) as f64), ("RESIDUAL", mode)],
                     c.rows.div_ceil(8),
                 ),
+                Layout::Q3 { group, .. } => {
+                    let rows = self.q3_rows(c.rows);
+                    (
+                        Kernel::GemvQ3,
+                        vec![
+                            ("GROUP_RUNS", (group / 32) as f64),
+                            ("ROWS", rows as f64),
+                            ("RESIDUAL", mode),
+                        ],
+                        c.rows.div_ceil(8 * rows),
+                    )
+                }
             };
-            if kernel == Kernel::Spmv {
-                for (name, v) in &self.spmv_overrides {
-                    match constants.iter_mut().find(|c| c.0 == name) {
-                        Some(c) => c.1 = *v,
-                        None => constants.push((name, *v)),
-                    }
+            // Bench overrides; gemv_q3's ROWS was applied by `q3_rows`, which the workgroup count follows.
+            let overrides: &[(String, f64)] = match kernel {
+                Kernel::Spmv => &self.spmv_overrides,
+                Kernel::GemvQ3 => &self.q3_overrides,
+                _ => &[],
+            };
+            for (name, v) in overrides
+                .iter()
+                .filter(|(n, _)| n != "ROWS" || kernel != Kernel::GemvQ3)
+            {
+                match constants.iter_mut().find(|c| c.0 == name) {
+                    Some(c) => c.1 = *v,
+                    None => constants.push((name, *v)),
                 }
             }
             if let Prologue::Norm { eps, .. } = prologue {
@@ -177,6 +196,24 @@ impl Gpu {
             pass.dispatch_workgroups(gx, gy, 1);
         }
         Ok(())
+    }
+
+    /// Rows per team of gemv_q3 for a chunk of `rows` rows: 4 while that leaves 1024 workgroups (8
+    /// per SM of a 128-SM GPU), else 2, so that each x load serves several rows; a `ROWS` override
+    /// (bench) wins.
+    pub(crate) fn q3_rows(&self, rows: usize) -> usize {
+        if let Some((_, v)) = self.q3_overrides.iter().find(|(n, _)| n == "ROWS") {
+            return match *v as usize {
+                1 => 1,
+                2 => 2,
+                _ => 4,
+            };
+        }
+        if rows.div_ceil(8 * 4) >= 1024 {
+            4
+        } else {
+            2
+        }
     }
 
     /// Slices per row tile and x-tile width (in blocks) for spmv: 16 slices (512 threads) where the
