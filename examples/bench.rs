@@ -4,13 +4,15 @@
 //! ```sh
 //! cargo run --release --example bench -- --list
 //! cargo run --release --example bench -- --ops copy,spmv,gemv_f16,decompress --shapes square,phi4 --json out.json
+//! cargo run --release --example bench -- --ops copy,gemv_q3,spmv --shapes phi4 --q3-set "ROWS=1;ROWS=2;ROWS=4"
 //! ```
 //!
 //! Times are GPU timestamps around each dispatch (its own compute pass) where the adapter has
 //! timestamp queries, wall clock over a batch otherwise (the `timing` column says which); the figure is
 //! the median of `--runs`. Weight copies are rotated so that each run reads weights that are not in
 //! the cache (at least 256 MB of them, at most 256 copies). GB/s counts the codec's stored bytes (spmv:
-//! the file's 25 bytes per 64 weights; gemv_f16: 2 bytes a weight; decompress: compressed bytes read
+//! the file's 25 bytes per 64 weights; gemv_q3: 3.125 bits a weight, codes and scales, as stored;
+//! gemv_f16: 2 bytes a weight; decompress: compressed bytes read
 //! plus f16 bytes written; copy: bytes read plus written). % copy compares with the copy kernel.
 //!
 //! `pp` and `tg` (ops `pp`, `tg`) are prompt processing and token generation on a synthetic model
@@ -35,7 +37,7 @@ struct Args {
     /// Adapter name substring, `all` for every adapter, or `cpu` for the CPU path.
     #[arg(long)]
     adapter: Option<String>,
-    /// Comma-separated: copy, spmv, gemv_f16, decompress, pp, tg.
+    /// Comma-separated: copy, spmv, gemv_q3, gemv_f16, decompress, pp, tg.
     #[arg(long, default_value = "copy,spmv,gemv_f16,decompress,pp,tg")]
     ops: String,
     /// Synthetic model of the pp / tg rows: tiny, phi-4-mini or phi-4.
@@ -66,6 +68,10 @@ struct Args {
     /// override constants of spmv.wgsl (e.g. "SLICES=4;SLICES=8,CODES=1"); empty = the launcher's.
     #[arg(long)]
     spmv_set: Option<String>,
+    /// gemv_q3 configurations to compare, as --spmv-set, with override constants of gemv_q3.wgsl
+    /// (e.g. "ROWS=1;ROWS=4").
+    #[arg(long)]
+    q3_set: Option<String>,
     /// Size of the copy buffers in MiB.
     #[arg(long, default_value_t = 1024)]
     copy_mib: u64,
@@ -319,6 +325,12 @@ fn random_f16(rows: usize, cols: usize, seed: u64) -> Tensor {
     })
 }
 
+/// Random q3 weights (group 128), as a model's would be stored.
+fn random_q3(rows: usize, cols: usize, seed: u64) -> Tensor {
+    let plan = upg::model::CodecPlan::compressed();
+    upg::model::synthetic::random_tensor(rows, cols, upg::format::Codec::Q3, 0.02, seed, &plan)
+}
+
 struct Bench<'a> {
     args: &'a Args,
     device: Device,
@@ -407,6 +419,20 @@ impl Bench<'_> {
                     |pass, i| gpu.matvec(pass, &ws[i % n], &x, &y, None),
                 )
             }
+            "gemv_q3" => {
+                let w = random_q3(rows, cols, self.args.seed);
+                let ws = uploads(gpu, &w)?;
+                let n = ws.len();
+                self.measure(
+                    gpu,
+                    op,
+                    label.into(),
+                    shape,
+                    w.stored_bytes() as u64,
+                    n,
+                    |pass, i| gpu.matvec(pass, &ws[i % n], &x, &y, None),
+                )
+            }
             "gemv_f16" => {
                 let w = random_f16(rows, cols, self.args.seed);
                 let ws = uploads(gpu, &w)?;
@@ -437,7 +463,7 @@ impl Bench<'_> {
                 )
             }
             other => {
-                eprintln!("unknown op '{other}' (use copy, spmv, gemv_f16, decompress)");
+                eprintln!("unknown op '{other}' (use copy, spmv, gemv_q3, gemv_f16, decompress)");
                 Ok(())
             }
         }
@@ -458,6 +484,7 @@ fn options(
     args: &Args,
     (adapter, backend): &Pick,
     spmv: &[(String, f64)],
+    q3: &[(String, f64)],
 ) -> Result<GpuOptions, upg::gpu::GpuError> {
     let mut env = GpuOptions::from_env()?;
     if let Some(b) = backend {
@@ -469,6 +496,7 @@ fn options(
             .or(env.adapter),
         runtime_checks: !args.unchecked,
         spmv_overrides: spmv.to_vec(),
+        q3_overrides: q3.to_vec(),
         ..env
     })
 }
@@ -479,22 +507,35 @@ fn bench_gpu(
     ops: &[&str],
     shapes: &[(usize, usize)],
 ) -> Result<Vec<Row>, Box<dyn std::error::Error>> {
-    let gpu = Gpu::new(&options(args, adapter, &[])?)?;
+    let gpu = Gpu::new(&options(args, adapter, &[], &[])?)?;
     eprintln!("adapter: {} ({:?})", gpu.describe(), gpu.features());
-    let mut others: Vec<(String, Gpu)> = Vec::new();
-    for set in args.spmv_set.iter().flat_map(|s| s.split(';')) {
-        let mut spmv = Vec::new();
-        for kv in set.split(',').map(str::trim).filter(|kv| !kv.is_empty()) {
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or(format!("'{kv}' is not NAME=VALUE"))?;
-            spmv.push((k.to_string(), v.parse::<f64>()?));
+    // Each configuration of --spmv-set / --q3-set on its own device.
+    let configs = |sets: &Option<String>,
+                   q3: bool|
+     -> Result<Vec<(String, Gpu)>, Box<dyn std::error::Error>> {
+        let mut out = Vec::new();
+        for set in sets.iter().flat_map(|s| s.split(';')) {
+            let mut constants = Vec::new();
+            for kv in set.split(',').map(str::trim).filter(|kv| !kv.is_empty()) {
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or(format!("'{kv}' is not NAME=VALUE"))?;
+                constants.push((k.to_string(), v.parse::<f64>()?));
+            }
+            let (spmv, q3) = if q3 {
+                (vec![], constants)
+            } else {
+                (constants, vec![])
+            };
+            out.push((
+                set.trim().to_string(),
+                Gpu::new(&options(args, adapter, &spmv, &q3)?)?,
+            ));
         }
-        others.push((
-            set.trim().to_string(),
-            Gpu::new(&options(args, adapter, &spmv)?)?,
-        ));
-    }
+        Ok(out)
+    };
+    let others = configs(&args.spmv_set, false)?;
+    let q3_others = configs(&args.q3_set, true)?;
     let checks = if args.unchecked {
         "unchecked"
     } else {
@@ -513,8 +554,13 @@ fn bench_gpu(
         let mut rng = Rng::new(args.seed);
         let sparse = Tensor::Sparse(SparseMatrix::random(shape.0, shape.1, 128, &mut rng)?);
         for &op in ops.iter().filter(|&&o| !matches!(o, "copy" | "pp" | "tg")) {
-            if op == "spmv" && !others.is_empty() {
-                for (set, g) in &others {
+            let sets = match op {
+                "spmv" => &others,
+                "gemv_q3" => &q3_others,
+                _ => &Vec::new(),
+            };
+            if !sets.is_empty() {
+                for (set, g) in sets {
                     bench.op(g, op, shape, &sparse, &format!("{checks} {set}"))?;
                 }
             } else {
@@ -646,8 +692,11 @@ fn bench_cpu(
                     time(&mut || upg::cpu::spmv(&sparse, &x, &mut y))?,
                     sparse.stored_bytes() as u64,
                 ),
-                "gemv_f16" => {
-                    let w = random_f16(rows, cols, args.seed);
+                "gemv_f16" | "gemv_q3" => {
+                    let w = match op {
+                        "gemv_q3" => random_q3(rows, cols, args.seed),
+                        _ => random_f16(rows, cols, args.seed),
+                    };
                     (
                         time(&mut || upg::cpu::spmv(&w, &x, &mut y))?,
                         w.stored_bytes() as u64,
