@@ -198,8 +198,8 @@ fn dense_gemv_matches_the_reference() {
     }
 }
 
-/// gemv_q3 with 1, 2 and 4 rows per team (the launcher picks 2 at these sizes, 4 only past 32768
-/// rows): odd row counts leave teams with rows past the end, and y is updated in place too.
+/// gemv_q3 with 1, 2 and 4 rows per team (the launcher's choice is 4): odd row counts leave teams
+/// with rows past the end, and y is updated in place too.
 #[test]
 fn gemv_q3_matches_the_reference_at_every_rows_per_team() {
     let mut rng = Rng::new(test_seed("gemv_q3_rows_per_team"));

@@ -45,7 +45,7 @@ struct Params {
 }
 
 override GROUP_RUNS: u32 = 4u; // runs per scale group: 1, 2 or 4 (groups of 32, 64, 128 columns)
-override ROWS: u32 = 2u;       // rows per team: 1, 2 or 4
+override ROWS: u32 = 4u;       // rows per team: 1, 2 or 4
 override RESIDUAL: u32 = 0u;
 const TEAM: u32 = 32u;
 

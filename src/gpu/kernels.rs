@@ -152,7 +152,7 @@ impl Gpu {
                     c.rows.div_ceil(8),
                 ),
                 Layout::Q3 { group, .. } => {
-                    let rows = self.q3_rows(c.rows);
+                    let rows = self.q3_rows();
                     (
                         Kernel::GemvQ3,
                         vec![
@@ -198,21 +198,14 @@ impl Gpu {
         Ok(())
     }
 
-    /// Rows per team of gemv_q3 for a chunk of `rows` rows: 4 while that leaves 1024 workgroups (8
-    /// per SM of a 128-SM GPU), else 2, so that each x load serves several rows; a `ROWS` override
-    /// (bench) wins.
-    pub(crate) fn q3_rows(&self, rows: usize) -> usize {
-        if let Some((_, v)) = self.q3_overrides.iter().find(|(n, _)| n == "ROWS") {
-            return match *v as usize {
-                1 => 1,
-                2 => 2,
-                _ => 4,
-            };
-        }
-        if rows.div_ceil(8 * 4) >= 1024 {
-            4
-        } else {
-            2
+    /// Rows per team of gemv_q3: 4, so that each x load serves 4 rows (on an H100 at the Phi-4 shapes
+    /// 4 beat 2 and 1 everywhere, by 1.06-1.6x and 1.4-3x; BENCHMARKS.md); a `ROWS` override (bench)
+    /// of 1 or 2 wins.
+    pub(crate) fn q3_rows(&self) -> usize {
+        match self.q3_overrides.iter().find(|(n, _)| n == "ROWS") {
+            Some((_, v)) if *v == 1.0 => 1,
+            Some((_, v)) if *v == 2.0 => 2,
+            _ => 4,
         }
     }
 

@@ -298,7 +298,7 @@ impl Gpu {
                             }
                         },
                     )?;
-                    let groups = n.div_ceil(8 * self.q3_rows(n)) as u32;
+                    let groups = n.div_ceil(8 * self.q3_rows()) as u32;
                     let params = self.uniform(&[
                         n as u32,
                         n32 as u32,
