@@ -198,18 +198,19 @@ fn dense_gemv_matches_the_reference() {
     }
 }
 
-/// gemv_q3 with 1, 2 and 4 rows per team (the launcher's choice is 4): odd row counts leave teams
-/// with rows past the end, and y is updated in place too.
+/// gemv_q3 with 1, 2 and 4 rows per team (the launcher's choice is 4), x staged in workgroup memory
+/// or read by each lane: odd row counts leave teams with rows past the end, rows of more than 32 runs
+/// take several staging rounds, the last one partial, and y is updated in place too.
 #[test]
 fn gemv_q3_matches_the_reference_at_every_rows_per_team() {
     let mut rng = Rng::new(test_seed("gemv_q3_rows_per_team"));
-    for rows_per_team in [1.0, 2.0, 4.0] {
+    for (rows_per_team, stage) in [(1.0, 1.0), (2.0, 0.0), (2.0, 1.0), (4.0, 0.0), (4.0, 1.0)] {
         let gpus = variants_of(GpuOptions {
-            q3_overrides: vec![("ROWS".into(), rows_per_team)],
+            q3_overrides: vec![("ROWS".into(), rows_per_team), ("STAGE_X".into(), stage)],
             ..GpuOptions::default()
         });
         for gpu in &gpus {
-            for &(rows, cols) in &[(1, 32), (7, 250), (45, 333), (70, 448)] {
+            for &(rows, cols) in &[(1, 32), (7, 250), (45, 333), (70, 448), (9, 2100)] {
                 let d = dense(&mut rng, rows, cols);
                 let w = Tensor::Q3(
                     Q3Matrix::encode(&Dense::f32(rows, cols, &d).unwrap(), 128).unwrap(),
@@ -217,7 +218,7 @@ fn gemv_q3_matches_the_reference_at_every_rows_per_team() {
                 let x = random_x(&mut rng, cols);
                 let r = random_x(&mut rng, rows);
                 let what = format!(
-                    "{} q3 rows/team {rows_per_team} [{rows}, {cols}]",
+                    "{} q3 rows/team {rows_per_team} staged {stage} [{rows}, {cols}]",
                     gpu.describe()
                 );
                 let (want, tol) = reference_f64(&w, &x, None);
@@ -370,8 +371,8 @@ fn lowered_limits_split_bindings_dispatch_in_2d_and_tile_x() {
             &want,
             &tol,
         );
-        // q3: 384 bytes of codes a row (32 runs), so 170 rows a chunk; each chunk's 11 workgroups
-        // need a 2D grid.
+        // q3: 384 bytes of codes a row (32 runs), so 170 rows a chunk; each chunk's 6 workgroups
+        // need a 2D grid, and the lowered workgroup memory leaves x unstaged.
         let dq = dense(&mut rng, rows, cols);
         let q = Tensor::Q3(Q3Matrix::encode(&Dense::f32(rows, cols, &dq).unwrap(), 128).unwrap());
         assert_eq!(gpu.upload(&q).unwrap().chunks(), 4);

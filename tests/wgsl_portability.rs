@@ -31,6 +31,7 @@ fn override_sets(k: Kernel) -> Vec<Vec<(&'static str, f64)>> {
             vec![],
             vec![("GROUP_RUNS", 1.0), ("ROWS", 4.0), ("RESIDUAL", 1.0)],
             vec![("GROUP_RUNS", 2.0), ("ROWS", 1.0), ("RESIDUAL", 2.0)],
+            vec![("STAGE_X", 0.0), ("ROWS", 2.0)],
         ],
         Kernel::GemvF16 | Kernel::GemvF32 => vec![vec![], vec![("RESIDUAL", 2.0)]],
         Kernel::KvStore | Kernel::RopeKv | Kernel::Attention => vec![vec![], vec![("KV_F16", 0.0)]],

@@ -26,7 +26,8 @@
 //   4  storage, read_write y:      array<f32>
 //   5  storage, read      res:    array<f32>        read only when RESIDUAL == 1
 // Workgroup: 256 threads = 8 teams of 32; team = ROWS consecutive rows, lane k takes runs k, k + 32, ...
-// of all of them, so each x load serves ROWS rows.
+// of all of them, so each x value it holds serves ROWS rows. With STAGE_X, 5632 bytes of workgroup
+// memory (x staging and the team sums), else 1024.
 // Team sums: team_store from wgsl/lib/team_sum.wgsl (subgroup butterfly, then workgroup memory), once
 // per row of the team.
 // Dispatch: ceil(rows / (8 ROWS)) workgroups, (x, y) with id = x + y * num_workgroups.x when over 65535.
@@ -47,6 +48,10 @@ struct Params {
 override GROUP_RUNS: u32 = 4u; // runs per scale group: 1, 2 or 4 (groups of 32, 64, 128 columns)
 override ROWS: u32 = 4u;       // rows per team: 1, 2 or 4
 override RESIDUAL: u32 = 0u;
+// 1: the workgroup stages each iteration's x in workgroup memory with coalesced loads (one vec4 a
+// thread), and lanes read their run's 32 values from there; 0: each lane reads them from x itself,
+// 8 vec4 at a 128-byte stride from its neighbours' (32 cache lines per warp-wide load).
+override STAGE_X: u32 = 1u;
 const TEAM: u32 = 32u;
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -57,6 +62,18 @@ const TEAM: u32 = 32u;
 @group(0) @binding(5) var<storage, read> res: array<f32>;
 
 var<workgroup> partial: array<f32, 256>;
+// STAGE_X: the x of one iteration, 32 runs of 32 columns, run r at vec4 9 r. The stride of 36 words puts
+// the 8 lanes of each quarter-warp on distinct banks for their 16-byte reads.
+var<workgroup> xs: array<vec4<f32>, 288>;
+
+// Vec4 `li` of the 1024 x values of iteration `it` (zero past the row's last run).
+fn x_chunk(it: u32, li: u32) -> vec4<f32> {
+    let v = it * 256u + li;
+    if v < 8u * params.n32 {
+        return x[v];
+    }
+    return vec4<f32>();
+}
 
 // The level 2c - 7 of the code at bits p..p+2 of q; p is a literal at every call, so the masks and
 // constants fold.
@@ -113,25 +130,59 @@ fn main(
     }
     let lane = li % TEAM;
     let first = (group * 8u + li / TEAM) * ROWS;
+    // Rows past the end re-read the last row; their sums are never stored.
+    let last = params.rows - 1u;
+    let r1 = min(first + 1u, last);
+    let r2 = min(first + 2u, last);
+    let r3 = min(first + 3u, last);
     var acc0 = 0.0;
     var acc1 = 0.0;
     var acc2 = 0.0;
     var acc3 = 0.0;
-    if first < params.rows {
-        // Rows past the end re-read the last row; their sums are never stored.
-        let last = params.rows - 1u;
-        let r1 = min(first + 1u, last);
-        let r2 = min(first + 2u, last);
-        let r3 = min(first + 3u, last);
-        for (var k = lane; k < params.n32; k += TEAM) {
-            let x0 = x[8u * k];
-            let x1 = x[8u * k + 1u];
-            let x2 = x[8u * k + 2u];
-            let x3 = x[8u * k + 3u];
-            let x4 = x[8u * k + 4u];
-            let x5 = x[8u * k + 5u];
-            let x6 = x[8u * k + 6u];
-            let x7 = x[8u * k + 7u];
+    // Every team walks the same runs (lane k: run 32 it + k), so the iteration count is the
+    // workgroup's, as the barriers of the staging need.
+    let iters = (params.n32 + TEAM - 1u) / TEAM;
+    var next = vec4<f32>();
+    if STAGE_X == 1u {
+        next = x_chunk(0u, li);
+    }
+    for (var it = 0u; it < iters; it++) {
+        let k = it * TEAM + lane;
+        var x0 = vec4<f32>();
+        var x1 = vec4<f32>();
+        var x2 = vec4<f32>();
+        var x3 = vec4<f32>();
+        var x4 = vec4<f32>();
+        var x5 = vec4<f32>();
+        var x6 = vec4<f32>();
+        var x7 = vec4<f32>();
+        if STAGE_X == 1u {
+            workgroupBarrier();
+            xs[(li / 8u) * 9u + li % 8u] = next;
+            workgroupBarrier();
+            if it + 1u < iters {
+                next = x_chunk(it + 1u, li);
+            }
+            let b = lane * 9u;
+            x0 = xs[b];
+            x1 = xs[b + 1u];
+            x2 = xs[b + 2u];
+            x3 = xs[b + 3u];
+            x4 = xs[b + 4u];
+            x5 = xs[b + 5u];
+            x6 = xs[b + 6u];
+            x7 = xs[b + 7u];
+        } else if k < params.n32 {
+            x0 = x[8u * k];
+            x1 = x[8u * k + 1u];
+            x2 = x[8u * k + 2u];
+            x3 = x[8u * k + 3u];
+            x4 = x[8u * k + 4u];
+            x5 = x[8u * k + 5u];
+            x6 = x[8u * k + 6u];
+            x7 = x[8u * k + 7u];
+        }
+        if first < params.rows && k < params.n32 {
             acc0 += run_dot(first, k, x0, x1, x2, x3, x4, x5, x6, x7);
             if ROWS > 1u {
                 acc1 += run_dot(r1, k, x0, x1, x2, x3, x4, x5, x6, x7);

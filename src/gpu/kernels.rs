@@ -9,6 +9,8 @@ use super::shader::Kernel;
 
 /// Words of workgroup memory spmv needs besides the x tile (the per-slice partial sums).
 const SPMV_PARTIAL_BYTES: u32 = 4 * 32 * 32;
+/// Workgroup memory of gemv_q3 with its x staging (STAGE_X): the staged x and the team sums.
+const Q3_STAGE_BYTES: u32 = 288 * 16 + 256 * 4;
 
 /// What a product does to its input while loading it (see wgsl/spmv.wgsl), in place of a launch
 /// before it.
@@ -159,6 +161,7 @@ impl Gpu {
                             ("GROUP_RUNS", (group / 32) as f64),
                             ("ROWS", rows as f64),
                             ("RESIDUAL", mode),
+                            ("STAGE_X", self.q3_stage_x() as u32 as f64),
                         ],
                         c.rows.div_ceil(8 * rows),
                     )
@@ -207,6 +210,11 @@ impl Gpu {
             Some((_, v)) if *v == 2.0 => 2,
             _ => 4,
         }
+    }
+
+    /// Whether gemv_q3 stages x in workgroup memory: where the (possibly lowered) limit holds it.
+    fn q3_stage_x(&self) -> bool {
+        self.limits().max_workgroup_storage_bytes >= Q3_STAGE_BYTES
     }
 
     /// Slices per row tile and x-tile width (in blocks) for spmv: 16 slices (512 threads) where the
