@@ -145,7 +145,8 @@ impl Recorder {
         for row in x[..n * cols].chunks(cols) {
             let pos = self.seen[w.id];
             self.seen[w.id] += 1;
-            if pos % self.stride.max(1) == 0 && self.kept[w.id].len() < self.samples * cols {
+            if pos.is_multiple_of(self.stride.max(1)) && self.kept[w.id].len() < self.samples * cols
+            {
                 self.kept[w.id].extend_from_slice(row);
             }
         }

@@ -213,14 +213,15 @@ fn product(m: &Tensor, x: &[f32], n: usize) -> cpu::Result<Vec<f32>> {
 }
 
 /// Encodes `w` with every candidate and measures each one's bits per parameter and error; `norms`
-/// feed Wanda's candidates, `inputs` (row-major rows of `w.cols` values) make the error the output
-/// error.
+/// feed Wanda's candidates, `inputs` (row-major rows of `w.cols` values; none if empty) make the error
+/// the output error.
 pub fn measure(
     w: &Dense,
     candidates: &[Candidate],
     norms: Option<&[f32]>,
     inputs: Option<&[f32]>,
 ) -> Result<Vec<Measured>> {
+    let inputs = inputs.filter(|x| !x.is_empty());
     if let Some(x) = inputs {
         if w.cols == 0 || x.len() % w.cols != 0 {
             return Err(ModelError::Choice(format!(

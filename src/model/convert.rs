@@ -120,7 +120,7 @@ pub fn convert_budget(
     mut report: impl FnMut(&TensorChoice),
     progress: impl FnMut(Progress),
 ) -> Result<(Converted, Vec<TensorChoice>)> {
-    if !(budget.bits > 0.0) {
+    if budget.bits.is_nan() || budget.bits <= 0.0 {
         return Err(ModelError::Choice(format!(
             "a budget of {} bits per parameter: give a positive number such as 3.2",
             budget.bits
