@@ -4,28 +4,42 @@
 //! ```sh
 //! cargo run --release --example bench -- --list
 //! cargo run --release --example bench -- --ops copy,spmv,gemv_f16,decompress --shapes square,phi4 --json out.json
-//! cargo run --release --example bench -- --ops copy,gemv_q3,spmv --shapes phi4 --q3-set "ROWS=1;ROWS=2;ROWS=4"
+//! cargo run --release --example bench -- --ops gemv_q4 --shapes 100352x5120 --spmv-set "QUADS=1;QUADS=2"
+//! cargo run --release --example bench -- --ops copy,gemv_q3,spmv --shapes phi4 --spmv-set "ROWS=2;ROWS=4"
 //! ```
 //!
 //! Times are GPU timestamps around each dispatch (its own compute pass) where the adapter has
 //! timestamp queries, wall clock over a batch otherwise (the `timing` column says which); the figure is
 //! the median of `--runs`. Weight copies are rotated so that each run reads weights that are not in
 //! the cache (at least 256 MB of them, at most 256 copies). GB/s counts the codec's stored bytes (spmv:
-//! the file's 25 bytes per 64 weights; gemv_q3: 3.125 bits a weight, codes and scales, as stored;
-//! gemv_f16: 2 bytes a weight; decompress: compressed bytes read
-//! plus f16 bytes written; copy: bytes read plus written). % copy compares with the copy kernel.
+//! the file's 25 bytes per 64 weights; gemv_f16: 2 bytes a weight; gemv_q4: 4.5 bits a weight, the
+//! scale per 32 included; gemv_q3: 3.125 bits a weight, the scale per 128 included; decompress: compressed bytes read plus f16 bytes written; copy: bytes read
+//! plus written). % copy compares with the copy kernel.
+//!
+//! `spmv_norm` and `spmv_swiglu` are the fused products of a decode step: RMSNorm of x staged with it
+//! (qkv, gate_up), and silu(gate) * up of a 2 * cols input staged with it plus the residual add in
+//! place (down). `gemv_q4` is the q4 codec (group 32), Phi-4's lm_head at 100352 x 5120; `gemv_q3` the
+//! dense 3-bit codec (group 128), the sparse codec's equal in bits.
 //!
 //! `pp` and `tg` (ops `pp`, `tg`) are prompt processing and token generation on a synthetic model
 //! (`--model-size tiny|phi-4-mini|phi-4`), like llama-bench's pp512 / tg128: tok/s in `tok_s`.
-//! `--merge a.json b.json ...` prints one table from the JSON files of several machines.
+//! `--merge a.json b.json ...` prints one table from the JSON files of several machines, all their rows
+//! or those that `--ops` and `--shapes`, when given, select (copy, pp and tg rows have no matrix shape).
+//!
+//! Device limits: the copy buffers are capped at the adapter's largest storage binding (lavapipe: 128
+//! MiB; the row's variant says so), and an op whose buffers the device cannot hold (a vector over the
+//! binding limit, a matrix the upload cannot split, out of memory) is skipped with a note under the
+//! table instead of ending the run. `--max-binding-kib` lowers the limit to try this on any machine.
 
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use half::f16;
 use rayon::prelude::*;
-use upg::format::{DenseF16, SparseMatrix, Tensor};
-use upg::gpu::{DenseKind, Gpu, GpuMatrix, GpuOptions, GpuVector};
+use upg::format::{Codec, DenseF16, SparseMatrix, Tensor};
+use upg::gpu::{DenseKind, Gpu, GpuMatrix, GpuOptions, GpuVector, Prologue};
+use upg::model::synthetic::random_tensor;
+use upg::model::CodecPlan;
 use upg::rng::Rng;
 
 #[derive(Parser, Debug)]
@@ -37,7 +51,8 @@ struct Args {
     /// Adapter name substring, `all` for every adapter, or `cpu` for the CPU path.
     #[arg(long)]
     adapter: Option<String>,
-    /// Comma-separated: copy, spmv, gemv_q3, gemv_f16, decompress, pp, tg.
+    /// Comma-separated: copy, spmv, spmv_norm, spmv_swiglu, gemv_f16, gemv_q4, gemv_q3, decompress, pp,
+    /// tg.
     #[arg(long, default_value = "copy,spmv,gemv_f16,decompress,pp,tg")]
     ops: String,
     /// Synthetic model of the pp / tg rows: tiny, phi-4-mini or phi-4.
@@ -49,7 +64,8 @@ struct Args {
     /// Generated tokens of the tg row.
     #[arg(long, default_value_t = 128)]
     tg: usize,
-    /// Print one table from these JSON files (from --json runs on any machines) and exit.
+    /// Print one table from these JSON files (from --json runs on any machines) and exit; --ops and
+    /// --shapes, when given, select rows.
     #[arg(long, num_args = 1..)]
     merge: Vec<std::path::PathBuf>,
     /// Comma-separated shapes: N (N x N), RxC (rows x cols), `square` (512..5120), `phi4`.
@@ -64,23 +80,28 @@ struct Args {
     /// Turn off wgpu's shader bounds checks and loop bounding.
     #[arg(long)]
     unchecked: bool,
-    /// spmv configurations to compare, `;`-separated, each a `,`-separated list of NAME=VALUE
-    /// override constants of spmv.wgsl (e.g. "SLICES=4;SLICES=8,CODES=1"); empty = the launcher's.
+    /// Configurations to compare in the spmv, spmv_norm, spmv_swiglu, gemv_q4 and gemv_q3 rows,
+    /// `;`-separated, each a `,`-separated list of NAME=VALUE override constants of spmv.wgsl,
+    /// gemv_q4.wgsl or gemv_q3.wgsl (e.g. "SLICES=4;SLICES=8,ROW_LANES=2"), each applied where
+    /// declared; empty = the launcher's.
     #[arg(long)]
     spmv_set: Option<String>,
-    /// gemv_q3 configurations to compare, as --spmv-set, with override constants of gemv_q3.wgsl
-    /// (e.g. "ROWS=1;ROWS=4").
-    #[arg(long)]
-    q3_set: Option<String>,
-    /// Size of the copy buffers in MiB.
+    /// Size of the copy buffers in MiB (capped at the device's largest storage binding; 256 on the
+    /// CPU path).
     #[arg(long, default_value_t = 1024)]
     copy_mib: u64,
+    /// Lower the GPU's largest storage binding to this many KiB (what a smaller device would allow).
+    #[arg(long)]
+    max_binding_kib: Option<u64>,
     /// Milliseconds of warm-up with the same workload before each timed batch.
     #[arg(long, default_value_t = 300)]
     warm_ms: u64,
     /// RNG seed for the weights.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Whether --ops and --shapes were on the command line (--merge filters only then).
+    #[arg(skip)]
+    given: (bool, bool),
 }
 
 const PHI4: &[(usize, usize)] = &[
@@ -91,6 +112,8 @@ const PHI4: &[(usize, usize)] = &[
     (100352, 5120),
 ];
 const SQUARE: &[usize] = &[512, 1024, 2048, 5120];
+/// The ops that `--spmv-set` configurations apply to.
+const SET_OPS: &[&str] = &["spmv", "spmv_norm", "spmv_swiglu", "gemv_q4", "gemv_q3"];
 /// Weight bytes each measurement rotates through, so that the 50 MB L2 of an H100 serves none.
 const ROTATE_BYTES: usize = 256 << 20;
 
@@ -248,6 +271,58 @@ fn stats(t: &mut [f64]) -> (f64, f64, f64, f64, f64) {
     (q(0.5), t[0], t[t.len() - 1], q(0.1), q(0.9))
 }
 
+/// `bytes` in MiB, or KiB when not a whole number of MiB.
+fn size(bytes: u64) -> String {
+    if bytes.is_multiple_of(1 << 20) {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{} KiB", bytes >> 10)
+    }
+}
+
+/// A buffer of an op that the device cannot bind: the op is skipped, not the run.
+#[derive(Debug)]
+struct OverLimit(String);
+
+impl std::fmt::Display for OverLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for OverLimit {}
+
+/// Fails with [`OverLimit`] when one of `buffers` (name, bytes) is larger than one binding may be.
+fn check_fits(gpu: &Gpu, buffers: &[(&str, u64)]) -> Result<(), OverLimit> {
+    let max = gpu.limits().max_binding_bytes;
+    match buffers.iter().find(|(_, b)| *b > max) {
+        Some((name, b)) => Err(OverLimit(format!(
+            "the {name} buffer ({b} bytes) exceeds the device's largest storage binding ({max} bytes)"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Why `e` means "this device cannot hold the op" (skip it) rather than a failure of the bench: a
+/// buffer over a limit, a matrix the upload cannot split into bindings, or the device out of memory.
+fn skip_reason(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    use upg::gpu::GpuError;
+    if let Some(o) = e.downcast_ref::<OverLimit>() {
+        return Some(o.0.clone());
+    }
+    let gpu = e.downcast_ref::<GpuError>().or(match e.downcast_ref() {
+        Some(upg::model::ModelError::Gpu(g)) => Some(g),
+        _ => None,
+    })?;
+    match gpu {
+        GpuError::Layout(_) => Some(gpu.to_string()),
+        GpuError::Wgpu { reason, .. } if reason.to_lowercase().contains("out of memory") => {
+            Some(gpu.to_string())
+        }
+        _ => None,
+    }
+}
+
 /// Times `runs` dispatches recorded by `record(pass, i)`, each in its own pass: GPU timestamps when the
 /// adapter has them, else wall clock over one batch (every run then gets the mean).
 fn time_runs(
@@ -325,17 +400,13 @@ fn random_f16(rows: usize, cols: usize, seed: u64) -> Tensor {
     })
 }
 
-/// Random q3 weights (group 128), as a model's would be stored.
-fn random_q3(rows: usize, cols: usize, seed: u64) -> Tensor {
-    let plan = upg::model::CodecPlan::compressed();
-    upg::model::synthetic::random_tensor(rows, cols, upg::format::Codec::Q3, 0.02, seed, &plan)
-}
-
 struct Bench<'a> {
     args: &'a Args,
     device: Device,
     copy_gbps: Option<f64>,
     rows: Vec<Row>,
+    /// Ops skipped because the device cannot hold their buffers, one line each.
+    notes: Vec<String>,
 }
 
 impl Bench<'_> {
@@ -372,8 +443,48 @@ impl Bench<'_> {
         Ok(())
     }
 
-    fn copy(&mut self, gpu: &Gpu) -> upg::gpu::Result<()> {
-        let bytes = self.args.copy_mib << 20;
+    /// Keeps going after an op that the device cannot hold (a note says why); other errors end the run.
+    fn settle(
+        &mut self,
+        what: &str,
+        done: Result<(), Box<dyn std::error::Error>>,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        match done {
+            Err(e) => match skip_reason(e.as_ref()) {
+                Some(why) => {
+                    let note = format!("{}: {what} skipped: {why}", self.device.adapter);
+                    eprintln!("{note}");
+                    self.notes.push(note);
+                    Ok(())
+                }
+                None => Err(e),
+            },
+            ok => ok,
+        }
+    }
+
+    fn copy(&mut self, gpu: &Gpu) -> Result<(), Box<dyn std::error::Error>> {
+        // Both buffers are bound whole, so neither may exceed the largest storage binding; the copy
+        // kernel moves 16 bytes a thread.
+        let want = self.args.copy_mib << 20;
+        let bytes = want.min(gpu.limits().max_binding_bytes / 16 * 16);
+        if bytes == 0 {
+            return Err(
+                OverLimit("the device's largest storage binding is under 16 bytes".into()).into(),
+            );
+        }
+        let variant = if bytes < want {
+            format!(
+                "{} (device binding limit; asked {})",
+                size(bytes),
+                size(want)
+            )
+        } else {
+            size(bytes)
+        };
+        let oom = gpu
+            .device()
+            .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let make = |label| {
             gpu.device().create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
@@ -383,7 +494,13 @@ impl Bench<'_> {
             })
         };
         let (a, b) = (make("copy a"), make("copy b"));
-        let variant = format!("{} MiB", self.args.copy_mib);
+        if let Some(e) = pollster::block_on(oom.pop()) {
+            return Err(upg::gpu::GpuError::Wgpu {
+                what: format!("allocating two copy buffers of {}", size(bytes)),
+                reason: e.to_string(),
+            }
+            .into());
+        }
         self.measure(gpu, "copy", variant, (0, 0), 2 * bytes, 1, |pass, i| {
             // Alternate direction so that no run reads what the last one wrote into the cache.
             let (s, d) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
@@ -400,7 +517,10 @@ impl Bench<'_> {
         (rows, cols): (usize, usize),
         sparse: &Tensor,
         label: &str,
-    ) -> upg::gpu::Result<()> {
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        // Every op here reads x (cols) and writes y (rows), padded to 64-value blocks.
+        let vec_bytes = |n: usize| (n.div_ceil(64).max(1) * 64 * 4) as u64;
+        check_fits(gpu, &[("x", vec_bytes(cols)), ("y", vec_bytes(rows))])?;
         let mut rng = Rng::new(self.args.seed ^ 0xA5A5);
         let x: GpuVector = gpu.vector(&rng.normal_vec(cols, 1.0))?;
         let y = gpu.zeros(rows)?;
@@ -417,10 +537,50 @@ impl Bench<'_> {
                     sparse.stored_bytes() as u64,
                     n,
                     |pass, i| gpu.matvec(pass, &ws[i % n], &x, &y, None),
-                )
+                )?;
+                Ok(())
             }
-            "gemv_q3" => {
-                let w = random_q3(rows, cols, self.args.seed);
+            "spmv_norm" => {
+                let ws = uploads(gpu, sparse)?;
+                let n = ws.len();
+                let g = gpu.vector(&(0..cols).map(|_| rng.range(0.5, 1.5)).collect::<Vec<_>>())?;
+                let prologue = Prologue::Norm {
+                    weight: &g,
+                    eps: 1e-5,
+                };
+                self.measure(
+                    gpu,
+                    op,
+                    label.into(),
+                    shape,
+                    sparse.stored_bytes() as u64,
+                    n,
+                    |pass, i| gpu.matvec_fused(pass, &ws[i % n], &x, &y, None, prologue),
+                )?;
+                Ok(())
+            }
+            "spmv_swiglu" => {
+                check_fits(gpu, &[("gate_up", vec_bytes(2 * cols))])?;
+                let ws = uploads(gpu, sparse)?;
+                let n = ws.len();
+                let gate_up = gpu.vector(&rng.normal_vec(2 * cols, 1.0))?;
+                self.measure(
+                    gpu,
+                    op,
+                    label.into(),
+                    shape,
+                    sparse.stored_bytes() as u64,
+                    n,
+                    |pass, i| {
+                        gpu.matvec_fused(pass, &ws[i % n], &gate_up, &y, Some(&y), Prologue::SwiGlu)
+                    },
+                )?;
+                Ok(())
+            }
+            "gemv_q4" | "gemv_q3" => {
+                let codec = if op == "gemv_q4" { Codec::Q4 } else { Codec::Q3 };
+                let plan = CodecPlan::compressed();
+                let w = random_tensor(rows, cols, codec, 0.02, self.args.seed, &plan);
                 let ws = uploads(gpu, &w)?;
                 let n = ws.len();
                 self.measure(
@@ -431,7 +591,8 @@ impl Bench<'_> {
                     w.stored_bytes() as u64,
                     n,
                     |pass, i| gpu.matvec(pass, &ws[i % n], &x, &y, None),
-                )
+                )?;
+                Ok(())
             }
             "gemv_f16" => {
                 let w = random_f16(rows, cols, self.args.seed);
@@ -445,7 +606,8 @@ impl Bench<'_> {
                     w.stored_bytes() as u64,
                     n,
                     |pass, i| gpu.matvec(pass, &ws[i % n], &x, &y, None),
-                )
+                )?;
+                Ok(())
             }
             "decompress" => {
                 let ws = uploads(gpu, sparse)?;
@@ -460,10 +622,11 @@ impl Bench<'_> {
                     bytes,
                     n,
                     |pass, i| gpu.decompress(pass, &ws[i % n], &out),
-                )
+                )?;
+                Ok(())
             }
             other => {
-                eprintln!("unknown op '{other}' (use copy, spmv, gemv_q3, gemv_f16, decompress)");
+                eprintln!("unknown op '{other}' (use copy, spmv, spmv_norm, spmv_swiglu, gemv_f16, gemv_q4, gemv_q3, decompress, pp, tg)");
                 Ok(())
             }
         }
@@ -484,7 +647,6 @@ fn options(
     args: &Args,
     (adapter, backend): &Pick,
     spmv: &[(String, f64)],
-    q3: &[(String, f64)],
 ) -> Result<GpuOptions, upg::gpu::GpuError> {
     let mut env = GpuOptions::from_env()?;
     if let Some(b) = backend {
@@ -495,8 +657,14 @@ fn options(
             .then(|| adapter.to_string())
             .or(env.adapter),
         runtime_checks: !args.unchecked,
-        spmv_overrides: spmv.to_vec(),
-        q3_overrides: q3.to_vec(),
+        overrides: spmv.to_vec(),
+        limits: upg::gpu::LimitOverrides {
+            max_binding_bytes: args
+                .max_binding_kib
+                .map(|k| k << 10)
+                .or(env.limits.max_binding_bytes),
+            ..env.limits
+        },
         ..env
     })
 }
@@ -506,36 +674,24 @@ fn bench_gpu(
     adapter: &Pick,
     ops: &[&str],
     shapes: &[(usize, usize)],
+    notes: &mut Vec<String>,
 ) -> Result<Vec<Row>, Box<dyn std::error::Error>> {
-    let gpu = Gpu::new(&options(args, adapter, &[], &[])?)?;
+    let gpu = Gpu::new(&options(args, adapter, &[])?)?;
     eprintln!("adapter: {} ({:?})", gpu.describe(), gpu.features());
-    // Each configuration of --spmv-set / --q3-set on its own device.
-    let configs = |sets: &Option<String>,
-                   q3: bool|
-     -> Result<Vec<(String, Gpu)>, Box<dyn std::error::Error>> {
-        let mut out = Vec::new();
-        for set in sets.iter().flat_map(|s| s.split(';')) {
-            let mut constants = Vec::new();
-            for kv in set.split(',').map(str::trim).filter(|kv| !kv.is_empty()) {
-                let (k, v) = kv
-                    .split_once('=')
-                    .ok_or(format!("'{kv}' is not NAME=VALUE"))?;
-                constants.push((k.to_string(), v.parse::<f64>()?));
-            }
-            let (spmv, q3) = if q3 {
-                (vec![], constants)
-            } else {
-                (constants, vec![])
-            };
-            out.push((
-                set.trim().to_string(),
-                Gpu::new(&options(args, adapter, &spmv, &q3)?)?,
-            ));
+    let mut others: Vec<(String, Gpu)> = Vec::new();
+    for set in args.spmv_set.iter().flat_map(|s| s.split(';')) {
+        let mut spmv = Vec::new();
+        for kv in set.split(',').map(str::trim).filter(|kv| !kv.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or(format!("'{kv}' is not NAME=VALUE"))?;
+            spmv.push((k.to_string(), v.parse::<f64>()?));
         }
-        Ok(out)
-    };
-    let others = configs(&args.spmv_set, false)?;
-    let q3_others = configs(&args.q3_set, true)?;
+        others.push((
+            set.trim().to_string(),
+            Gpu::new(&options(args, adapter, &spmv)?)?,
+        ));
+    }
     let checks = if args.unchecked {
         "unchecked"
     } else {
@@ -546,35 +702,38 @@ fn bench_gpu(
         device: Device::of(&gpu),
         copy_gbps: None,
         rows: Vec::new(),
+        notes: Vec::new(),
     };
     if ops.contains(&"copy") {
-        bench.copy(&gpu)?;
+        let done = bench.copy(&gpu);
+        bench.settle("copy", done)?;
     }
     for &shape in shapes {
         let mut rng = Rng::new(args.seed);
         let sparse = Tensor::Sparse(SparseMatrix::random(shape.0, shape.1, 128, &mut rng)?);
         for &op in ops.iter().filter(|&&o| !matches!(o, "copy" | "pp" | "tg")) {
-            let sets = match op {
-                "spmv" => &others,
-                "gemv_q3" => &q3_others,
-                _ => &Vec::new(),
-            };
-            if !sets.is_empty() {
-                for (set, g) in sets {
-                    bench.op(g, op, shape, &sparse, &format!("{checks} {set}"))?;
+            let what = format!("{op} {}x{}", shape.0, shape.1);
+            if SET_OPS.contains(&op) && !others.is_empty() {
+                for (set, g) in &others {
+                    let done = bench.op(g, op, shape, &sparse, &format!("{checks} {set}"));
+                    bench.settle(&what, done)?;
                 }
             } else {
-                bench.op(&gpu, op, shape, &sparse, checks)?;
+                let done = bench.op(&gpu, op, shape, &sparse, checks);
+                bench.settle(&what, done)?;
             }
         }
     }
-    let device = bench.device.clone();
-    let mut rows = bench.rows;
     if ops.iter().any(|o| matches!(*o, "pp" | "tg")) {
-        let backend = upg::model::GpuBackend::new(gpu, true)?;
-        rows.extend(bench_model(args, ops, &device, backend)?);
+        let device = bench.device.clone();
+        let model = upg::model::GpuBackend::new(gpu, true)
+            .map_err(Into::into)
+            .and_then(|backend| bench_model(args, ops, &device, backend));
+        let done = model.map(|rows| bench.rows.extend(rows));
+        bench.settle(&format!("pp/tg ({})", args.model_size), done)?;
     }
-    Ok(rows)
+    notes.extend(bench.notes);
+    Ok(bench.rows)
 }
 
 /// pp and tg rows: prompt processing and generation speed of a synthetic model on `backend`.
@@ -584,7 +743,7 @@ fn bench_model<B: upg::model::Backend>(
     device: &Device,
     backend: B,
 ) -> Result<Vec<Row>, Box<dyn std::error::Error>> {
-    use upg::model::{synthetic, CodecPlan, Config, Phi3, Sampler};
+    use upg::model::{synthetic, Config, Phi3, Sampler};
     let config = Config::preset(&args.model_size)?;
     let weights = synthetic(&config, args.seed, &CodecPlan::compressed());
     let bytes = weights.stored_bytes() as u64;
@@ -660,6 +819,7 @@ fn bench_cpu(
     };
     let mut copy_gbps = None;
     if ops.contains(&"copy") {
+        // Larger buffers measure the same DRAM bandwidth and only take memory.
         let n = (args.copy_mib.min(256) << 20) as usize;
         let (a, mut b) = (vec![1u8; n], vec![0u8; n]);
         let mut t = time(&mut || {
@@ -668,9 +828,13 @@ fn bench_cpu(
                 .for_each(|(d, s)| d.copy_from_slice(s));
             Ok(())
         })?;
+        let mut variant = size(n as u64);
+        if args.copy_mib > 256 {
+            variant += &format!(" (CPU cap; asked {})", size(args.copy_mib << 20));
+        }
         let r = device.row(
             "copy",
-            format!("{} MiB", n >> 20),
+            variant,
             (0, 0),
             "wall",
             1,
@@ -694,7 +858,10 @@ fn bench_cpu(
                 ),
                 "gemv_f16" | "gemv_q3" => {
                     let w = match op {
-                        "gemv_q3" => random_q3(rows, cols, args.seed),
+                        "gemv_q3" => {
+                            let plan = CodecPlan::compressed();
+                            random_tensor(rows, cols, Codec::Q3, 0.02, args.seed, &plan)
+                        }
                         _ => random_f16(rows, cols, args.seed),
                     };
                     (
@@ -753,8 +920,16 @@ fn print_table(rows: &[Row]) {
     }
 }
 
+fn op_list(args: &Args) -> Vec<&str> {
+    args.ops.split(',').map(str::trim).collect()
+}
+
 fn main() {
-    let args = Args::parse();
+    use clap::{parser::ValueSource, CommandFactory, FromArgMatches};
+    let matches = Args::command().get_matches();
+    let mut args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let given = |name| matches.value_source(name) == Some(ValueSource::CommandLine);
+    args.given = (given("ops"), given("shapes"));
     if let Err(e) = run(&args) {
         eprintln!("error: {e}");
         std::process::exit(1);
@@ -771,6 +946,14 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 .map_err(|e| format!("{}: not a bench JSON file: {e}", path.display()))?;
             rows.extend(more);
         }
+        let (ops, shapes) = (op_list(args), parse_shapes(&args.shapes)?);
+        let (ops_given, shapes_given) = args.given;
+        rows.retain(|r| {
+            (!ops_given || ops.contains(&r.op.as_str()))
+                && (!shapes_given
+                    || matches!(r.op.as_str(), "copy" | "pp" | "tg")
+                    || shapes.contains(&(r.rows, r.cols)))
+        });
         print_table(&rows);
         return Ok(());
     }
@@ -792,9 +975,10 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     let shapes = parse_shapes(&args.shapes)?;
-    let ops: Vec<&str> = args.ops.split(',').map(str::trim).collect();
+    let ops = op_list(args);
     let which = args.adapter.clone().unwrap_or_default().to_lowercase();
     let mut rows = Vec::new();
+    let mut notes = Vec::new();
     let names: Vec<Option<Pick>> = match which.as_str() {
         "all" => adapters
             .iter()
@@ -812,11 +996,17 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 eprintln!("no GPU adapter: measuring the CPU path only");
                 rows.extend(bench_cpu(args, &ops, &shapes)?)
             }
-            Some(name) => rows.extend(bench_gpu(args, &name, &ops, &shapes)?),
+            Some(name) => rows.extend(bench_gpu(args, &name, &ops, &shapes, &mut notes)?),
             None => rows.extend(bench_cpu(args, &ops, &shapes)?),
         }
     }
     print_table(&rows);
+    if !notes.is_empty() {
+        println!("\nSkipped (the device cannot hold their buffers):\n");
+        for n in &notes {
+            println!("- {n}");
+        }
+    }
     if let Some(path) = &args.json {
         let tmp = path.with_extension("json.tmp");
         std::fs::write(&tmp, serde_json::to_string_pretty(&rows)?)?;

@@ -20,20 +20,19 @@ use upg::rng::{test_seed, Rng};
 
 /// One context per variant the adapter offers: (f16, subgroups) in all four combinations.
 fn variants(limits: LimitOverrides) -> Vec<Gpu> {
-    variants_of(GpuOptions {
-        limits,
-        ..GpuOptions::default()
-    })
+    variants_with(limits, &[])
 }
 
-/// [`variants`] with other options.
-fn variants_of(opts: GpuOptions) -> Vec<Gpu> {
+/// [`variants`] with kernel override constants that replace the launchers' choices.
+fn variants_with(limits: LimitOverrides, overrides: &[(&str, f64)]) -> Vec<Gpu> {
     let mut out = Vec::new();
     for (f16, subgroups) in [(false, false), (true, false), (false, true), (true, true)] {
         let Some(gpu) = gpu_or_skip(GpuOptions {
             f16,
             subgroups,
-            ..opts.clone()
+            limits,
+            overrides: overrides.iter().map(|&(n, v)| (n.to_string(), v)).collect(),
+            ..GpuOptions::default()
         }) else {
             return out;
         };
@@ -139,6 +138,71 @@ fn spmv_matches_the_reference() {
 }
 
 #[test]
+fn spmv_with_rows_split_over_workgroups_matches_the_reference() {
+    // ROW_LANES forced (the launcher splits only products of few row tiles with wide rows, such as
+    // Phi-4's 5120 x 17920): a tile's rows over 2, 4 or 32 workgroups, each row's blocks cut into
+    // SLICES * ROW_LANES shares, from several blocks a share (up to 16 blocks over 4 shares) down to
+    // shares without blocks, x staged whole or 3 blocks at a time; with each residual mode. At most 16
+    // workgroups per dimension: 32 workgroups a tile need a 2D grid.
+    let limits = LimitOverrides {
+        max_workgroups_per_dim: Some(16),
+        ..LimitOverrides::default()
+    };
+    let mut rng = Rng::new(test_seed("spmv_with_rows_split_over_workgroups"));
+    for (lanes, slices, tile_blocks) in [(2.0, 2.0, 16.0), (4.0, 1.0, 3.0), (32.0, 4.0, 16.0)] {
+        let overrides = [
+            ("ROW_LANES", lanes),
+            ("SLICES", slices),
+            ("TILE_BLOCKS", tile_blocks),
+        ];
+        for gpu in &variants_with(limits, &overrides) {
+            for &(rows, cols) in SHAPES {
+                let w = Tensor::Sparse(SparseMatrix::random(rows, cols, 128, &mut rng).unwrap());
+                let x = random_x(&mut rng, cols);
+                let r = random_x(&mut rng, rows);
+                let what = format!("{} spmv ROW_LANES={lanes} [{rows}, {cols}]", gpu.describe());
+                let (want, tol) = reference_f64(&w, &x, None);
+                check(&what, &gpu_matvec(gpu, &w, &x, None), &want, &tol);
+                let mut cpu = vec![f32::NAN; rows];
+                reference::spmv(&w, &x, &mut cpu);
+                check("cpu reference", &cpu, &want, &tol);
+                let (want, tol) = reference_f64(&w, &x, Some(&r));
+                check(
+                    &format!("{what} + r"),
+                    &gpu_matvec(gpu, &w, &x, Some(&r)),
+                    &want,
+                    &tol,
+                );
+                let m = gpu.upload(&w).unwrap();
+                let (xv, y) = (gpu.vector(&x).unwrap(), gpu.vector(&r).unwrap());
+                gpu.run(|pass| gpu.matvec(pass, &m, &xv, &y, Some(&y)))
+                    .unwrap();
+                check(
+                    &format!("{what}, y += W x"),
+                    &gpu.read(&y).unwrap(),
+                    &want,
+                    &tol,
+                );
+            }
+        }
+    }
+    // A value the kernel cannot take is refused with what to use.
+    if let Some(gpu) = variants_with(LimitOverrides::default(), &[("ROW_LANES", 3.0)]).first() {
+        let w = Tensor::Sparse(SparseMatrix::random(4, 64, 64, &mut rng).unwrap());
+        let m = gpu.upload(&w).unwrap();
+        let (x, y) = (gpu.zeros(64).unwrap(), gpu.zeros(4).unwrap());
+        let e = gpu
+            .run(|pass| gpu.matvec(pass, &m, &x, &y, None))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ROW_LANES 3") && e.contains("use 1, 2, 4"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
 fn spmv_fuses_the_residual_add() {
     let gpus = variants(LimitOverrides::default());
     let mut rng = Rng::new(test_seed("spmv_fuses_the_residual_add"));
@@ -205,10 +269,10 @@ fn dense_gemv_matches_the_reference() {
 fn gemv_q3_matches_the_reference_at_every_rows_per_team() {
     let mut rng = Rng::new(test_seed("gemv_q3_rows_per_team"));
     for (rows_per_team, stage) in [(1.0, 1.0), (2.0, 0.0), (2.0, 1.0), (4.0, 0.0), (4.0, 1.0)] {
-        let gpus = variants_of(GpuOptions {
-            q3_overrides: vec![("ROWS".into(), rows_per_team), ("STAGE_X".into(), stage)],
-            ..GpuOptions::default()
-        });
+        let gpus = variants_with(
+            LimitOverrides::default(),
+            &[("ROWS", rows_per_team), ("STAGE_X", stage)],
+        );
         for gpu in &gpus {
             for &(rows, cols) in &[(1, 32), (7, 250), (45, 333), (70, 448), (9, 2100)] {
                 let d = dense(&mut rng, rows, cols);
@@ -234,6 +298,34 @@ fn gemv_q3_matches_the_reference_at_every_rows_per_team() {
                     &want,
                     &tol,
                 );
+            }
+        }
+    }
+}
+
+#[test]
+fn gemv_q4_matches_the_reference_with_any_chunks_in_flight() {
+    // QUADS (chunks a lane loads per row and step) replaced: a main loop of 2 or 3 chunks a step and
+    // the remainder loop after it; rows not a multiple of a workgroup's 64, both scale groups.
+    let mut rng = Rng::new(test_seed(
+        "gemv_q4_matches_the_reference_with_any_chunks_in_flight",
+    ));
+    for quads in [1.0, 2.0, 3.0] {
+        for gpu in &variants_with(LimitOverrides::default(), &[("QUADS", quads)]) {
+            for &(rows, cols) in &[(1, 64), (65, 200), (130, 2100), (3, 1000)] {
+                let d = dense(&mut rng, rows, cols);
+                let dw = Dense::f32(rows, cols, &d).unwrap();
+                for group in [32, 64] {
+                    let w = Tensor::Q4(Q4Matrix::encode(&dw, group).unwrap());
+                    let x = random_x(&mut rng, cols);
+                    let r = random_x(&mut rng, rows);
+                    let what = format!(
+                        "{} gemv_q4 QUADS={quads} [{rows}, {cols}] group {group}",
+                        gpu.describe()
+                    );
+                    let (want, tol) = reference_f64(&w, &x, Some(&r));
+                    check(&what, &gpu_matvec(gpu, &w, &x, Some(&r)), &want, &tol);
+                }
             }
         }
     }
@@ -324,6 +416,43 @@ fn decompress_matches_the_reference() {
 }
 
 #[test]
+fn decompress_into_chunks_that_cut_row_tiles() {
+    // 40 KiB bindings: the f16 copy of [300, 1000] (2000 bytes a row) goes in chunks of 20 rows, so
+    // most output chunks start and end inside a 32-row tile of the sparse layout, and a workgroup's
+    // tile is only partly written by each launch.
+    let limits = LimitOverrides {
+        max_binding_bytes: Some(40 << 10),
+        ..Default::default()
+    };
+    let gpu = &variants(limits)[..1];
+    let mut rng = Rng::new(test_seed("decompress_into_chunks_that_cut_row_tiles"));
+    for gpu in gpu {
+        let (rows, cols) = (300, 1000);
+        let w = Tensor::Sparse(SparseMatrix::random(rows, cols, 128, &mut rng).unwrap());
+        let m = gpu.upload(&w).unwrap();
+        for kind in [DenseKind::F16, DenseKind::F32] {
+            let out = gpu.dense_zeros(rows, cols, kind).unwrap();
+            assert!(out.chunks() >= 8, "{} output chunks", out.chunks());
+            gpu.poison(&out).unwrap();
+            gpu.run(|pass| gpu.decompress(pass, &m, &out)).unwrap();
+            let got = gpu.read_dense(&out).unwrap();
+            for (i, (&g, e)) in got.iter().zip(reference::decompress_f32(&w)).enumerate() {
+                let ok = match kind {
+                    DenseKind::F32 => g == e,
+                    DenseKind::F16 => f16_neighbours(e).contains(&g),
+                };
+                assert!(
+                    ok,
+                    "{kind:?} at ({}, {}): got {g}, exact {e}",
+                    i / cols,
+                    i % cols
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn lowered_limits_split_bindings_dispatch_in_2d_and_tile_x() {
     // 64 KiB bindings: the sparse [600, 1000] matrix (256 bytes of codes a row) goes in 3 chunks of
     // 8 row tiles, and its f16 copy (2000 bytes a row) in 19 chunks. At most 4 workgroups per
@@ -383,6 +512,22 @@ fn lowered_limits_split_bindings_dispatch_in_2d_and_tile_x() {
             &want,
             &tol,
         );
+        // q4: 512 bytes of codes a row at 1000 columns, so 5 chunks of 128 rows (the last 88); at 64
+        // columns one chunk of 10 workgroups of 64 rows, in a 4 x 3 grid.
+        for (rows, cols, chunks) in [(600, 1000, 5), (600, 64, 1)] {
+            let d = dense(&mut rng, rows, cols);
+            let dw = Dense::f32(rows, cols, &d).unwrap();
+            let q = Tensor::Q4(Q4Matrix::encode(&dw, 32).unwrap());
+            assert_eq!(gpu.upload(&q).unwrap().chunks(), chunks);
+            let x = random_x(&mut rng, cols);
+            let (want, tol) = reference_f64(&q, &x, None);
+            check(
+                &format!("gemv_q4 [{rows}, {cols}], split"),
+                &gpu_matvec(gpu, &q, &x, None),
+                &want,
+                &tol,
+            );
+        }
     }
 }
 

@@ -168,11 +168,114 @@ fn check_rope<B: Backend>(b: &mut B, rng: &mut Rng) {
     );
 }
 
+/// Causal grouped-query attention of n qkv rows (positions start..start + n) over caches k and v
+/// ([ctx, kv_dim]), in f64: the definition that attention.wgsl and the split kernels implement.
+fn attention_f64(
+    s: &AttentionShape,
+    qkv: &[f32],
+    k: &[f32],
+    v: &[f32],
+    start: usize,
+    n: usize,
+) -> Vec<f64> {
+    let (kvd, qd, hd) = (s.kv_dim(), s.q_dim(), s.head_dim);
+    let mut want = vec![0.0f64; n * qd];
+    for t in 0..n {
+        let pos = start + t;
+        let lo = s.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        for h in 0..s.heads {
+            let kvh = h / (s.heads / s.kv_heads);
+            let q = &qkv[t * s.qkv_dim() + h * hd..][..hd];
+            let scores: Vec<f64> = (lo..=pos)
+                .map(|j| {
+                    let kj = &k[j * kvd + kvh * hd..][..hd];
+                    q.iter()
+                        .zip(kj)
+                        .map(|(&a, &c)| a as f64 * c as f64)
+                        .sum::<f64>()
+                        / (hd as f64).sqrt()
+                })
+                .collect();
+            let p = model_common::softmax(&scores);
+            for (jj, j) in (lo..=pos).enumerate() {
+                for d in 0..hd {
+                    want[t * qd + h * hd + d] += p[jj] * v[j * kvd + kvh * hd + d] as f64;
+                }
+            }
+        }
+    }
+    want
+}
+
+/// Attention of one decoded row over long caches, the case the GPU splits over the keys
+/// (attention_split.wgsl + attention_combine.wgsl; chunks of 16 keys up to 128 chunks, so a cache over
+/// 2048 rows has chunks of several 16-key tiles). Cases: chunk ends and window starts off the tile
+/// grid, the last chunk short, 1 to 6 query heads per kv head (6: two workgroups per kv head), head
+/// sizes 64 to 256, Phi-4's shape, and one key. The cache is filled through the backend's own
+/// `kv_cache` and `store_kv` (f16 pairs on an f16 backend) with values exact in f16, so the
+/// reference holds for both cache precisions.
+fn check_decode_attention<B: Backend>(b: &mut B, rng: &mut Rng) {
+    // (heads, kv heads, head_dim, window, ctx, position)
+    let cases = [
+        (8, 2, 64, None, 700, 650),
+        (6, 1, 128, None, 2600, 2500),
+        (8, 2, 64, Some(300), 2600, 2599),
+        (4, 4, 96, None, 5000, 4321),
+        (4, 4, 96, Some(1000), 5000, 4321),
+        (40, 10, 128, None, 2048, 1900),
+        (2, 1, 256, None, 40, 0),
+    ];
+    let f16_exact = |x: Vec<f32>| -> Vec<f32> {
+        x.into_iter()
+            .map(|v| half::f16::from_f32(v).to_f32())
+            .collect()
+    };
+    for (heads, kv_heads, head_dim, window, ctx, pos) in cases {
+        let s = AttentionShape {
+            heads,
+            kv_heads,
+            head_dim,
+            rotary_dim: head_dim,
+            window,
+            ctx,
+        };
+        let (kvd, qd, width) = (s.kv_dim(), s.q_dim(), s.qkv_dim());
+        // Rows 0..=pos of qkv: their k and v parts fill the cache, the last row's q asks.
+        let rows = f16_exact(rng.normal_vec((pos + 1) * width, 1.0));
+        let (mut k, mut v) = (vec![0.0f32; ctx * kvd], vec![0.0f32; ctx * kvd]);
+        for (t, row) in rows.chunks(width).enumerate() {
+            k[t * kvd..][..kvd].copy_from_slice(&row[qd..][..kvd]);
+            v[t * kvd..][..kvd].copy_from_slice(&row[qd + kvd..][..kvd]);
+        }
+        let all = b.buffer(&rows).unwrap();
+        let (mut kb, mut vb) = (b.kv_cache(ctx, kvd).unwrap(), b.kv_cache(ctx, kvd).unwrap());
+        b.store_kv(&all, &mut kb, &mut vb, &s, 0, pos + 1);
+        let last = &rows[pos * width..];
+        let want = attention_f64(&s, last, &k, &v, pos, 1);
+        let qb = b.buffer(last).unwrap();
+        let mut out = poisoned(b, qd);
+        b.attention(&qb, &kb, &vb, &mut out, &s, pos, 1);
+        // f32 sums in another order than the reference's: errors under 2e-7 seen (outputs ~0.1); a
+        // key left out or counted twice moves the outputs of its heads by about |v_j - out| / keys
+        // (~1e-4 at 5000 keys).
+        close(
+            &format!(
+                "decode attention {heads}/{kv_heads} heads of {head_dim}, window {window:?}, \
+                 position {pos} of {ctx}"
+            ),
+            &b.read(&out, qd).unwrap(),
+            &want,
+            2e-6,
+            |_| 1.0,
+        );
+    }
+}
+
 fn check_kv_and_attention<B: Backend>(b: &mut B, rng: &mut Rng) {
     for window in [None, Some(4)] {
         let s = attention_shape(window);
         let (start, n) = (7, 4);
-        let (kvd, qd, hd) = (s.kv_dim(), s.q_dim(), s.head_dim);
+        let (kvd, qd) = (s.kv_dim(), s.q_dim());
         // Cache rows before `start` hold earlier positions; the new rows come from qkv.
         let mut k = rng.normal_vec(s.ctx * kvd, 1.0);
         let mut v = rng.normal_vec(s.ctx * kvd, 1.0);
@@ -188,31 +291,7 @@ fn check_kv_and_attention<B: Backend>(b: &mut B, rng: &mut Rng) {
         assert_eq!(b.read(&kb, k.len()).unwrap(), k, "store_kv keys");
         assert_eq!(b.read(&vb, v.len()).unwrap(), v, "store_kv values");
 
-        let mut want = vec![0.0f64; n * qd];
-        for t in 0..n {
-            let pos = start + t;
-            let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            for h in 0..s.heads {
-                let kvh = h / (s.heads / s.kv_heads);
-                let q = &qkv[t * s.qkv_dim() + h * hd..][..hd];
-                let scores: Vec<f64> = (lo..=pos)
-                    .map(|j| {
-                        let kj = &k[j * kvd + kvh * hd..][..hd];
-                        q.iter()
-                            .zip(kj)
-                            .map(|(&a, &c)| a as f64 * c as f64)
-                            .sum::<f64>()
-                            / (hd as f64).sqrt()
-                    })
-                    .collect();
-                let p = model_common::softmax(&scores);
-                for (jj, j) in (lo..=pos).enumerate() {
-                    for d in 0..hd {
-                        want[t * qd + h * hd + d] += p[jj] * v[j * kvd + kvh * hd + d] as f64;
-                    }
-                }
-            }
-        }
+        let want = attention_f64(&s, &qkv, &k, &v, start, n);
         let mut out = poisoned(b, n * qd);
         b.attention(&qkvb, &kb, &vb, &mut out, &s, start, n);
         close(
@@ -490,6 +569,7 @@ fn cpu_ops_match_f64() {
     check_rmsnorm(&mut cpu, &mut rng);
     check_rope(&mut cpu, &mut rng);
     check_kv_and_attention(&mut cpu, &mut rng);
+    check_decode_attention(&mut cpu, &mut rng);
     check_elementwise(&mut cpu, &mut rng);
     check_greedy(&mut cpu, &mut rng);
     check_fused(&mut cpu, &mut rng);
@@ -510,6 +590,22 @@ fn gpu_ops_match_f64() {
     check_elementwise(&mut b, &mut rng);
     check_greedy(&mut b, &mut rng);
     check_fused(&mut b, &mut rng);
+}
+
+/// The split decode attention with both cache precisions (the table above, f32 KV, also runs in
+/// gpu_ops_match_f64's backend through n = 1 rows of the model tests).
+#[test]
+fn gpu_decode_attention_matches_f64_at_long_contexts() {
+    let mut rng = Rng::new(test_seed(
+        "gpu_decode_attention_matches_f64_at_long_contexts",
+    ));
+    for kv_f16 in [true, false] {
+        let Some(gpu) = upg::gpu::gpu_or_skip(upg::gpu::GpuOptions::default()) else {
+            return;
+        };
+        let mut b = upg::model::GpuBackend::new(gpu, kv_f16).unwrap();
+        check_decode_attention(&mut b, &mut rng);
+    }
 }
 
 /// Greedy picks queued on the device: the pass after one embeds the picked row without the host
@@ -589,20 +685,35 @@ fn gpu_queued_greedy_embeds_the_pick_on_the_device() {
 fn gpu_fused_ops_match_f64_over_x_tiles_and_slices() {
     // x staged 2 blocks at a time by 4 slices: the norm's sum of squares spans several x tiles; 8 KiB
     // bindings split the larger matrices into row chunks, each its own launch with its own norm factor.
-    let opts = upg::gpu::GpuOptions {
-        spmv_overrides: vec![("TILE_BLOCKS".into(), 2.0), ("SLICES".into(), 4.0)],
-        limits: upg::gpu::LimitOverrides {
-            max_binding_bytes: Some(8192),
-            ..Default::default()
-        },
-        ..upg::gpu::GpuOptions::default()
-    };
-    let Some(gpu) = upg::gpu::gpu_or_skip(opts) else {
-        return;
-    };
+    // With ROW_LANES 2 and 4, each tile's rows go to several workgroups, each with its own norm factor
+    // over all of x, and each row's blocks to 2 or 8 shares. One slice of 32 threads stages up to 16
+    // blocks (240 vec4 at 960 columns) four rounds at a time and then the rest; STAGE_ROUNDS 1 one
+    // round at a time.
     let mut rng = Rng::new(test_seed("gpu_fused_ops_match_f64_over_x_tiles_and_slices"));
-    let mut b = upg::model::GpuBackend::new(gpu, false).unwrap();
-    check_fused(&mut b, &mut rng);
+    for (lanes, slices, tile_blocks, rounds) in [
+        (1.0, 4.0, 2.0, 4.0),
+        (2.0, 1.0, 16.0, 4.0),
+        (4.0, 2.0, 8.0, 1.0),
+    ] {
+        let opts = upg::gpu::GpuOptions {
+            overrides: vec![
+                ("TILE_BLOCKS".into(), tile_blocks),
+                ("SLICES".into(), slices),
+                ("ROW_LANES".into(), lanes),
+                ("STAGE_ROUNDS".into(), rounds),
+            ],
+            limits: upg::gpu::LimitOverrides {
+                max_binding_bytes: Some(8192),
+                ..Default::default()
+            },
+            ..upg::gpu::GpuOptions::default()
+        };
+        let Some(gpu) = upg::gpu::gpu_or_skip(opts) else {
+            return;
+        };
+        let mut b = upg::model::GpuBackend::new(gpu, false).unwrap();
+        check_fused(&mut b, &mut rng);
+    }
 }
 
 #[test]

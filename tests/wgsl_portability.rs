@@ -22,11 +22,26 @@ fn override_sets(k: Kernel) -> Vec<Vec<(&'static str, f64)>> {
                 ("RESIDUAL", 1.0),
             ],
             vec![("SLICES", 1.0), ("TILE_BLOCKS", 1.0), ("RESIDUAL", 2.0)],
-            vec![("PROLOGUE", 1.0), ("EPS", 1e-6), ("RESIDUAL", 0.0)],
-            vec![("PROLOGUE", 2.0), ("SLICES", 16.0), ("RESIDUAL", 2.0)],
+            vec![
+                ("PROLOGUE", 1.0),
+                ("EPS", 1e-6),
+                ("RESIDUAL", 0.0),
+                ("ROW_LANES", 2.0),
+            ],
+            vec![
+                ("PROLOGUE", 2.0),
+                ("SLICES", 16.0),
+                ("RESIDUAL", 2.0),
+                ("ROW_LANES", 32.0),
+                ("STAGE_ROUNDS", 1.0),
+            ],
         ],
         Kernel::Decompress => vec![vec![], vec![("OUT_F32", 1.0), ("GROUP_BLOCKS", 3.0)]],
-        Kernel::GemvQ4 => vec![vec![], vec![("GROUP_CHUNKS", 2.0), ("RESIDUAL", 1.0)]],
+        Kernel::GemvQ4 => vec![
+            vec![],
+            vec![("GROUP_CHUNKS", 2.0), ("RESIDUAL", 1.0), ("QUADS", 2.0)],
+            vec![("QUADS", 3.0), ("RESIDUAL", 2.0)],
+        ],
         Kernel::GemvQ3 => vec![
             vec![],
             vec![("GROUP_RUNS", 1.0), ("ROWS", 4.0), ("RESIDUAL", 1.0)],
@@ -34,7 +49,9 @@ fn override_sets(k: Kernel) -> Vec<Vec<(&'static str, f64)>> {
             vec![("STAGE_X", 0.0), ("ROWS", 2.0)],
         ],
         Kernel::GemvF16 | Kernel::GemvF32 => vec![vec![], vec![("RESIDUAL", 2.0)]],
-        Kernel::KvStore | Kernel::RopeKv | Kernel::Attention => vec![vec![], vec![("KV_F16", 0.0)]],
+        Kernel::KvStore | Kernel::RopeKv | Kernel::Attention | Kernel::AttentionSplit => {
+            vec![vec![], vec![("KV_F16", 0.0)]]
+        }
         Kernel::Embed => vec![
             vec![],
             vec![("CODEC", 1.0)],
@@ -46,7 +63,8 @@ fn override_sets(k: Kernel) -> Vec<Vec<(&'static str, f64)>> {
         | Kernel::Rope
         | Kernel::SiluMul
         | Kernel::Add
-        | Kernel::Argmax => vec![vec![]],
+        | Kernel::Argmax
+        | Kernel::AttentionCombine => vec![vec![]],
     }
 }
 

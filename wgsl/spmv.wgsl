@@ -29,8 +29,12 @@
 //   7  storage, read      res:    array<f32>        read only when RESIDUAL == 1
 //   8  storage, read      norm:   array<vec4<f32>>  the RMSNorm weight, zero-padded like x; read only
 //                                                   when PROLOGUE == 1
-// Workgroup: 32 * SLICES threads, one row tile; thread (l = index % 32, slice = index / 32) sums its slice
-// of the blocks of row 32 t + l; slices are added in slice order (deterministic).
+// Workgroup: 32 * SLICES threads over R = 32 / ROW_LANES rows of one tile: ROW_LANES workgroups a tile,
+// workgroup index i taking rows (i % ROW_LANES) * R .. + R. Thread (lane = index % 32, slice = index / 32)
+// sums row lane % R of them over share slice * ROW_LANES + lane / R of the SLICES * ROW_LANES equal runs
+// of blocks; a row's shares are added in share order (deterministic). ROW_LANES > 1 spreads a product
+// with few row tiles and long rows (5120 x 17920: 160 tiles for 132 SMs on an H100) over more
+// workgroups, each staging the whole x for a part of the rows (so the norm factor still sees all of x).
 // x is staged in workgroup memory TILE_BLOCKS blocks at a time, block k of the tile at xs[64 k ..]; half
 // B's columns wrap inside the block ((rot + 32 + p) & 63). A warp's 32 lanes read at most 2 distinct
 // words per bank. (Blocks of 96 or 128 words, x repeated so that no column wraps, save one integer op
@@ -38,7 +42,8 @@
 // Every index stays inside its binding by construction (records below tiles * blocks * 32, x below
 // blocks * 64, xs below TILE_BLOCKS * 64) and every loop runs a count fixed before it starts, so the
 // launcher builds this kernel without wgpu's loop bounding (`Kernel::loops_end`).
-// Dispatch: one workgroup per row tile, (x, y) with tile = x + y * num_workgroups.x when over 65535.
+// Dispatch: ROW_LANES workgroups per row tile, (x, y) with index = x + y * num_workgroups.x when over
+// 65535 (tile = index / ROW_LANES).
 // Features: none. (An f16 variant would turn codes into values with f16 arithmetic, but naga 30 types
 // bitcast<vec2<f16>>(u32) wrongly, so every build uses unpack2x16float, which is as exact.)
 
@@ -58,6 +63,8 @@ override TILE_BLOCKS: u32 = 64u;
 override GROUP_BLOCKS: u32 = 2u;
 override RESIDUAL: u32 = 0u;
 override PROLOGUE: u32 = 0u;
+override ROW_LANES: u32 = 1u; // 1, 2, 4, ..., 32 (the launcher checks)
+override STAGE_ROUNDS: u32 = 1u; // 1 or 4 staging rounds at a time (see the staging in main)
 override EPS: f32 = 1e-5;
 const LANES: u32 = 32u;
 
@@ -74,12 +81,13 @@ const LANES: u32 = 32u;
 var<workgroup> xs: array<f32, TILE_BLOCKS * 64u>;
 var<workgroup> partial: array<f32, LANES * SLICES>;
 
-// The levels 2c - 15 of codes j and j + 4 of word w. Each nibble lands in bits 1..4 of an f16 whose
-// exponent makes it 1024 + 2c; converting to f32 and subtracting 1039 are exact. (An f32 bit trick per
-// code, 2^23 + 2c - (2^23 + 15), measured 3-8% slower on an H100.)
+// The levels 2c - 15 of codes j and j + 4 of word w. Each nibble lands in the low mantissa bits of an
+// f16 of exponent 11, whose step is 2: 2048 + 2c; converting to f32 and subtracting 2063 are exact. One
+// shift and one mask-or a pair (the shift is gone for j = 0). (An f32 bit trick per code,
+// 2^23 + 2c - (2^23 + 15), measured 3-8% slower on an H100.)
 fn levels(w: u32, j: u32) -> vec2<f32> {
-    let h = (((w >> (4u * j)) << 1u) & 0x001E001Eu) | 0x64006400u;
-    return unpack2x16float(h) - vec2<f32>(1039.0);
+    let h = ((w >> (4u * j)) & 0x000F000Fu) | 0x68006800u;
+    return unpack2x16float(h) - vec2<f32>(2063.0);
 }
 
 struct Walk {
@@ -92,7 +100,8 @@ struct Walk {
 // Eight steps of both halves: codes from words wa (half A) and wb (half B). Half A's bit p is column
 // ra + p of the block at xs[kb ..] (ra = rot <= 31, so it never wraps), half B's (ra + 32 + p) & 63.
 // Per kept weight: find the top bit, clear it (2), the x index (1, half B 2), the load, the fma, and a
-// half of one code-pair split (2), of the two conversions and of the two subtractions: about 10.
+// half of one code-pair split (2, 1 at j = 0), of the two conversions and of the two subtractions:
+// about 10.
 fn walk8(st: Walk, wa: u32, wb: u32, kb: u32, ra: u32) -> Walk {
     var w = st;
     let rb = ra + 32u;
@@ -133,13 +142,22 @@ fn stage(q: u32) -> vec4<f32> {
         return v * norm[q];
     }
     if PROLOGUE == 2u {
-        if 4u * q >= params.cols {
-            return vec4<f32>(0.0);
-        }
-        let g = x[q];
-        return g / (vec4<f32>(1.0) + exp(-g)) * x[q + params.cols / 4u];
+        // Branch-free, so that the loads of several rounds can be in flight: columns past cols (the
+        // block padding) read the last ones again and stage zeros.
+        let half = params.cols / 4u;
+        let qq = min(q, max(half, 1u) - 1u);
+        let g = x[qq];
+        let v = g / (vec4<f32>(1.0) + exp(-g)) * x[qq + half];
+        return select(vec4<f32>(0.0), v, q < half);
     }
     return x[q];
+}
+
+fn put(i: u32, v: vec4<f32>) {
+    xs[4u * i] = v.x;
+    xs[4u * i + 1u] = v.y;
+    xs[4u * i + 2u] = v.z;
+    xs[4u * i + 3u] = v.w;
 }
 
 // 1 / sqrt(mean(x^2) + EPS) from every thread's `squares`, the same in every workgroup: lanes of the first
@@ -179,31 +197,51 @@ fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let tile = wg.x + wg.y * nwg.x;
+    let index = wg.x + wg.y * nwg.x;
+    let tile = index / ROW_LANES;
     if tile >= params.tiles {
         return;
     }
+    let part_rows = LANES / ROW_LANES;
     let lane = li % LANES;
-    let slice = li / LANES;
+    // This thread's row in the tile and share of the blocks.
+    let l = (index % ROW_LANES) * part_rows + lane % part_rows;
+    let shares = SLICES * ROW_LANES;
+    let share = (li / LANES) * ROW_LANES + lane / part_rows;
     var acc = 0.0;
     for (var t0 = 0u; t0 < params.blocks; t0 += TILE_BLOCKS) {
         let nb = min(TILE_BLOCKS, params.blocks - t0);
-        let per = (nb + SLICES - 1u) / SLICES;
-        let k0 = min(slice * per, nb);
+        let per = (nb + shares - 1u) / shares;
+        let k0 = min(share * per, nb);
         let k1 = min(k0 + per, nb);
         // The first block's loads go out before the x tile is staged, so that their memory latency
-        // overlaps the staging (a slice without blocks loads the tile's first block and ignores it).
-        var rec = (tile * params.blocks + t0 + min(k0, nb - 1u)) * LANES + lane;
+        // overlaps the staging (a share without blocks loads the tile's first block and ignores it).
+        var rec = (tile * params.blocks + t0 + min(k0, nb - 1u)) * LANES + l;
         var m = masks[rec];
         var c = codes[rec];
         var r = rot(rec);
         workgroupBarrier();
-        for (var i = li; i < nb * 16u; i += LANES * SLICES) {
-            let v = stage(t0 * 16u + i);
-            xs[4u * i] = v.x;
-            xs[4u * i + 1u] = v.y;
-            xs[4u * i + 2u] = v.z;
-            xs[4u * i + 3u] = v.w;
+        // STAGE_ROUNDS 4: four rounds of the staging at a time, all their loads before any of them is
+        // used. For the 17920-wide SwiGLU input (2 loads, 4 exps and 4 divisions a round, ~9 rounds a
+        // thread) that took 60.0 -> 55.4 us on an H100; for plain and RMSNorm inputs it cost 0.5-2 us
+        // (more registers for the whole kernel), so the launcher asks for it with SwiGLU only.
+        let n = nb * 16u;
+        let step = LANES * SLICES;
+        var i = li;
+        if STAGE_ROUNDS == 4u {
+            for (; i + 3u * step < n; i += 4u * step) {
+                let v0 = stage(t0 * 16u + i);
+                let v1 = stage(t0 * 16u + i + step);
+                let v2 = stage(t0 * 16u + i + 2u * step);
+                let v3 = stage(t0 * 16u + i + 3u * step);
+                put(i, v0);
+                put(i + step, v1);
+                put(i + 2u * step, v2);
+                put(i + 3u * step, v3);
+            }
+        }
+        for (; i < n; i += step) {
+            put(i, stage(t0 * 16u + i));
         }
         workgroupBarrier();
         // One block ahead in registers: the next block's loads are in flight while this one is walked.
@@ -212,7 +250,7 @@ fn main(
             let m_next = masks[next];
             let c_next = codes[next];
             let r_next = rot(next);
-            let s = scale(tile, (t0 + k) / GROUP_BLOCKS, lane);
+            let s = scale(tile, (t0 + k) / GROUP_BLOCKS, l);
             acc = fma(s, block_sum(m, c, k * 64u, r), acc);
             rec = next;
             m = m_next;
@@ -224,13 +262,14 @@ fn main(
     if PROLOGUE == 1u {
         factor = norm_factor(li);
     }
+    // Thread li holds share li / part_rows of row li % part_rows of the part.
     partial[li] = acc;
     workgroupBarrier();
-    let row = tile * LANES + lane;
-    if slice == 0u && row < params.rows {
+    let row = tile * LANES + l;
+    if li < part_rows && row < params.rows {
         var sum = 0.0;
-        for (var s = 0u; s < SLICES; s++) {
-            sum += partial[s * LANES + lane];
+        for (var s = 0u; s < shares; s++) {
+            sum += partial[s * part_rows + li];
         }
         sum *= factor;
         let out = params.row0 + row;

@@ -33,11 +33,10 @@ pub struct GpuOptions {
     /// range by construction of the upload layout.
     pub runtime_checks: bool,
     pub limits: LimitOverrides,
-    /// Bench knob: override constants of spmv.wgsl (e.g. SLICES, TILE_BLOCKS) that replace the
-    /// launcher's choice or add to it.
-    pub spmv_overrides: Vec<(String, f64)>,
-    /// Bench knob: override constants of gemv_q3.wgsl (e.g. ROWS).
-    pub q3_overrides: Vec<(String, f64)>,
+    /// Bench and test knob: override constants of the matrix-vector kernels (spmv.wgsl: SLICES,
+    /// TILE_BLOCKS, ROW_LANES, ...; gemv_q4.wgsl: QUADS; gemv_q3.wgsl: ROWS, STAGE_X) that replace the launcher's choice or add to
+    /// it, each in the kernels that declare it.
+    pub overrides: Vec<(String, f64)>,
 }
 
 impl Default for GpuOptions {
@@ -50,8 +49,7 @@ impl Default for GpuOptions {
             timestamps: true,
             runtime_checks: true,
             limits: LimitOverrides::default(),
-            spmv_overrides: Vec::new(),
-            q3_overrides: Vec::new(),
+            overrides: Vec::new(),
         }
     }
 }
@@ -126,8 +124,7 @@ pub struct Gpu {
     features: Features,
     limits: Limits,
     runtime_checks: bool,
-    pub(crate) spmv_overrides: Vec<(String, f64)>,
-    pub(crate) q3_overrides: Vec<(String, f64)>,
+    pub(crate) overrides: Vec<(String, f64)>,
     layouts: Mutex<HashMap<Kernel, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>>,
     modules: Mutex<HashMap<Kernel, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
@@ -285,8 +282,7 @@ impl Gpu {
             info,
             limits,
             runtime_checks: opts.runtime_checks,
-            spmv_overrides: opts.spmv_overrides.clone(),
-            q3_overrides: opts.q3_overrides.clone(),
+            overrides: opts.overrides.clone(),
             layouts: Mutex::default(),
             modules: Mutex::default(),
             pipelines: Mutex::default(),

@@ -4,13 +4,26 @@
 use super::buffers::GpuVector;
 use super::context::Gpu;
 use super::error::{GpuError, Result};
-use super::matrix::{GpuMatrix, Layout, TILE_ROWS};
+use super::matrix::{GpuMatrix, Layout, Q4_QUADS, Q4_WORKGROUP_ROWS, TILE_ROWS};
 use super::shader::Kernel;
+use super::transformer::word;
 
 /// Words of workgroup memory spmv needs besides the x tile (the per-slice partial sums).
 const SPMV_PARTIAL_BYTES: u32 = 4 * 32 * 32;
 /// Workgroup memory of gemv_q3 with its x staging (STAGE_X): the staged x and the team sums.
 const Q3_STAGE_BYTES: u32 = 288 * 16 + 256 * 4;
+
+/// spmv splits the rows of a tile over ROW_LANES = 2 workgroups up to this many tiles (6144 rows):
+/// 5120 rows (down_proj of Phi-4) are 160 tiles for the 132 SMs of an H100, too few workgroups of 512
+/// threads to keep every SM's memory pipe busy. There (H100, BENCHMARKS.md) 5120 x 17920 took 52.9 ->
+/// 49.9 us, with the SwiGLU prologue 55.6 -> 54.4; at 7680 rows (240 tiles) 2 were slower (18.5 ->
+/// 20.8 us), and 4 workgroups a tile were slower at every Phi-4 shape.
+const SPMV_SPLIT_TILES: usize = 192;
+
+/// Blocks a share must have on average for spmv to split the rows: at 5120 columns (80 blocks, 2.5 a
+/// share) the bench was within its noise (18.1 -> 17.7 us) and o_proj in the decode pass was slower
+/// (22.6 -> 23.3 us each).
+const SPMV_SPLIT_SHARE_BLOCKS: usize = 4;
 
 /// What a product does to its input while loading it (see wgsl/spmv.wgsl), in place of a launch
 /// before it.
@@ -33,6 +46,15 @@ impl Prologue<'_> {
             Prologue::SwiGlu => 2.0,
         }
     }
+
+    /// spmv's STAGE_ROUNDS: x staged four rounds at a time only where a round has SwiGLU's work
+    /// (measured in wgsl/spmv.wgsl).
+    fn stage_rounds(&self) -> f64 {
+        match self {
+            Prologue::SwiGlu => 4.0,
+            _ => 1.0,
+        }
+    }
 }
 
 impl GpuMatrix {
@@ -45,6 +67,16 @@ impl GpuMatrix {
             Prologue::Norm { .. } => true,
             Prologue::SwiGlu => self.cols.is_multiple_of(4),
         }
+    }
+}
+
+/// spmv's ROW_LANES: 2 for a product of at most [`SPMV_SPLIT_TILES`] row tiles whose rows have blocks
+/// enough for each of the 2 * `slices` shares to walk [`SPMV_SPLIT_SHARE_BLOCKS`], else 1.
+fn spmv_row_lanes(tiles: usize, blocks: usize, slices: u32) -> u32 {
+    if tiles <= SPMV_SPLIT_TILES && blocks >= SPMV_SPLIT_SHARE_BLOCKS * 2 * slices as usize {
+        2
+    } else {
+        1
     }
 }
 
@@ -134,6 +166,8 @@ impl Gpu {
                             ("SLICES", slices as f64),
                             ("TILE_BLOCKS", tile_blocks as f64),
                             ("PROLOGUE", prologue.mode()),
+                            ("ROW_LANES", spmv_row_lanes(tiles, blocks, slices) as f64),
+                            ("STAGE_ROUNDS", prologue.stage_rounds()),
                         ],
                         tiles,
                     )
@@ -150,8 +184,12 @@ impl Gpu {
                 ),
                 Layout::Q4 { group, .. } => (
                     Kernel::GemvQ4,
-                    vec![("GROUP_CHUNKS", (group / 32) as f64), ("RESIDUAL", mode)],
-                    c.rows.div_ceil(8),
+                    vec![
+                        ("GROUP_CHUNKS", (group / 32) as f64),
+                        ("RESIDUAL", mode),
+                        ("QUADS", Q4_QUADS as f64),
+                    ],
+                    c.rows.div_ceil(Q4_WORKGROUP_ROWS),
                 ),
                 Layout::Q3 { group, .. } => {
                     let rows = self.q3_rows();
@@ -167,20 +205,33 @@ impl Gpu {
                     )
                 }
             };
-            // Bench overrides; gemv_q3's ROWS was applied by `q3_rows`, which the workgroup count follows.
-            let overrides: &[(String, f64)] = match kernel {
-                Kernel::Spmv => &self.spmv_overrides,
-                Kernel::GemvQ3 => &self.q3_overrides,
-                _ => &[],
-            };
-            for (name, v) in overrides
-                .iter()
-                .filter(|(n, _)| n != "ROWS" || kernel != Kernel::GemvQ3)
-            {
-                match constants.iter_mut().find(|c| c.0 == name) {
-                    Some(c) => c.1 = *v,
-                    None => constants.push((name, *v)),
+            // gemv_q3's ROWS was applied by `q3_rows`, which its workgroup count follows.
+            if matches!(kernel, Kernel::Spmv | Kernel::GemvQ4 | Kernel::GemvQ3) {
+                for (name, v) in self.overrides.iter().filter(|o| {
+                    kernel.declares(&o.0) && !(kernel == Kernel::GemvQ3 && o.0 == "ROWS")
+                }) {
+                    match constants.iter_mut().find(|c| c.0 == name) {
+                        Some(c) => c.1 = *v,
+                        None => constants.push((name, *v)),
+                    }
                 }
+            }
+            let mut groups = groups;
+            if kernel == Kernel::Spmv {
+                // A workgroup takes 32 / ROW_LANES rows of a tile.
+                let lanes = constants
+                    .iter()
+                    .find(|c| c.0 == "ROW_LANES")
+                    .map_or(1.0, |c| c.1);
+                if !(1.0..=32.0).contains(&lanes)
+                    || lanes.fract() != 0.0
+                    || !(lanes as usize).is_power_of_two()
+                {
+                    return Err(GpuError::Shape(format!(
+                        "spmv ROW_LANES {lanes}: use 1, 2, 4, 8, 16 or 32"
+                    )));
+                }
+                groups *= lanes as usize;
             }
             if let Prologue::Norm { eps, .. } = prologue {
                 constants.push(("EPS", eps as f64));
@@ -205,7 +256,7 @@ impl Gpu {
     /// 4 beat 2 and 1 everywhere, by 1.06-1.6x and 1.4-3x; BENCHMARKS.md); a `ROWS` override (bench)
     /// of 1 or 2 wins.
     pub(crate) fn q3_rows(&self) -> usize {
-        match self.q3_overrides.iter().find(|(n, _)| n == "ROWS") {
+        match self.overrides.iter().find(|(n, _)| n == "ROWS") {
             Some((_, v)) if *v == 1.0 => 1,
             Some((_, v)) if *v == 2.0 => 2,
             _ => 4,
@@ -286,22 +337,26 @@ impl Gpu {
                 if a >= b || w.cols == 0 {
                     continue;
                 }
-                let units = (b - a) * stride / 8;
+                // A workgroup per tile of 32 rows and 8 blocks (see decompress.wgsl).
+                let (first, end) = (a - i.row0, b - i.row0);
+                let tile0 = first / TILE_ROWS;
+                let tiles = end.div_ceil(TILE_ROWS) - tile0;
+                let groups_wg = (tiles * blocks.div_ceil(8)) as u64;
                 let params = self.uniform(&[
-                    (b - a) as u32,
-                    w.cols as u32,
-                    blocks as u32,
-                    groups as u32,
-                    (a - i.row0) as u32,
-                    (a - o.row0) as u32,
-                    stride as u32,
-                    units as u32,
+                    word(b - a)?,
+                    word(w.cols)?,
+                    word(blocks)?,
+                    word(groups)?,
+                    word(first)?,
+                    word(a - o.row0)?,
+                    word(stride)?,
+                    word(tile0)?,
                 ])?;
                 let mut buffers: Vec<&wgpu::Buffer> = vec![&params];
                 buffers.extend(&i.planes);
                 buffers.push(&o.planes[0]);
                 let bind = self.bind(&layout, &buffers)?;
-                let (gx, gy) = self.grid(units.div_ceil(256) as u64)?;
+                let (gx, gy) = self.grid(groups_wg)?;
                 pass.set_pipeline(&pipeline);
                 pass.set_bind_group(0, &bind, &[]);
                 pass.dispatch_workgroups(gx, gy, 1);

@@ -22,6 +22,8 @@ pub enum Kernel {
     RopeKv,
     KvStore,
     Attention,
+    AttentionSplit,
+    AttentionCombine,
     SiluMul,
     Add,
     Argmax,
@@ -68,7 +70,7 @@ impl Variant {
 use Binding::{Read, ReadWrite, Uniform};
 
 impl Kernel {
-    pub const ALL: [Kernel; 16] = [
+    pub const ALL: [Kernel; 18] = [
         Kernel::Copy,
         Kernel::Spmv,
         Kernel::Decompress,
@@ -81,6 +83,8 @@ impl Kernel {
         Kernel::RopeKv,
         Kernel::KvStore,
         Kernel::Attention,
+        Kernel::AttentionSplit,
+        Kernel::AttentionCombine,
         Kernel::SiluMul,
         Kernel::Add,
         Kernel::Argmax,
@@ -91,7 +95,19 @@ impl Kernel {
     /// bounding (a counter and a branch per iteration, against GPU hangs) can be left out: on an H100
     /// it made spmv 25-35% slower (BENCHMARKS.md).
     pub fn loops_end(self) -> bool {
-        matches!(self, Kernel::Spmv | Kernel::Decompress | Kernel::GemvQ3)
+        matches!(
+            self,
+            Kernel::Spmv | Kernel::Decompress | Kernel::GemvQ4 | Kernel::GemvQ3
+        )
+    }
+
+    /// Whether the file declares the override constant `name`.
+    pub fn declares(self, name: &str) -> bool {
+        self.source().lines().any(|l| {
+            l.trim_start()
+                .strip_prefix("override ")
+                .is_some_and(|r| r.split([':', ' ', '=']).next() == Some(name))
+        })
     }
 
     /// The file name in `wgsl/`.
@@ -109,6 +125,8 @@ impl Kernel {
             Kernel::RopeKv => "rope_kv.wgsl",
             Kernel::KvStore => "kv_store.wgsl",
             Kernel::Attention => "attention.wgsl",
+            Kernel::AttentionSplit => "attention_split.wgsl",
+            Kernel::AttentionCombine => "attention_combine.wgsl",
             Kernel::SiluMul => "silu_mul.wgsl",
             Kernel::Add => "add.wgsl",
             Kernel::Argmax => "argmax.wgsl",
@@ -131,6 +149,8 @@ impl Kernel {
             Kernel::RopeKv => include_str!("../../wgsl/rope_kv.wgsl"),
             Kernel::KvStore => include_str!("../../wgsl/kv_store.wgsl"),
             Kernel::Attention => include_str!("../../wgsl/attention.wgsl"),
+            Kernel::AttentionSplit => include_str!("../../wgsl/attention_split.wgsl"),
+            Kernel::AttentionCombine => include_str!("../../wgsl/attention_combine.wgsl"),
             Kernel::SiluMul => include_str!("../../wgsl/silu_mul.wgsl"),
             Kernel::Add => include_str!("../../wgsl/add.wgsl"),
             Kernel::Argmax => include_str!("../../wgsl/argmax.wgsl"),
@@ -150,7 +170,10 @@ impl Kernel {
             Kernel::Rope => &[Uniform, ReadWrite, Read, Read, Read],
             Kernel::RopeKv => &[Uniform, ReadWrite, Read, Read, ReadWrite, ReadWrite, Read],
             Kernel::KvStore => &[Uniform, Read, ReadWrite, ReadWrite, Read],
-            Kernel::Attention => &[Uniform, Read, Read, Read, ReadWrite, Read],
+            Kernel::Attention | Kernel::AttentionSplit => {
+                &[Uniform, Read, Read, Read, ReadWrite, Read]
+            }
+            Kernel::AttentionCombine => &[Uniform, Read, ReadWrite, Read],
             Kernel::SiluMul => &[Uniform, Read, ReadWrite],
             Kernel::Add => &[Uniform, ReadWrite, Read],
             Kernel::Argmax => &[Uniform, Read, ReadWrite],
@@ -168,6 +191,7 @@ impl Kernel {
 pub fn library(name: &str) -> Option<&'static str> {
     match name {
         "team_sum.wgsl" => Some(include_str!("../../wgsl/lib/team_sum.wgsl")),
+        "attention_chunks.wgsl" => Some(include_str!("../../wgsl/lib/attention_chunks.wgsl")),
         _ => None,
     }
 }

@@ -1,5 +1,6 @@
 //! Launchers of the transformer ops around the matrix products (wgsl/rmsnorm.wgsl, rope.wgsl,
-//! kv_store.wgsl, attention.wgsl, silu_mul.wgsl, add.wgsl, argmax.wgsl, embed.wgsl). Each records one
+//! kv_store.wgsl, attention.wgsl, attention_split.wgsl + attention_combine.wgsl, silu_mul.wgsl,
+//! add.wgsl, argmax.wgsl, embed.wgsl). Each records one
 //! dispatch into a compute pass the caller owns; buffers are f32 unless said otherwise, and the KV cache
 //! is u32 words (f16 pairs, or f32 bits for the exact path).
 
@@ -32,10 +33,35 @@ impl AttentionDims {
     }
 }
 
-/// Widest head attention.wgsl holds in workgroup memory.
+/// Widest head the attention kernels hold in workgroup memory.
 const MAX_HEAD_DIM: usize = 256;
 
-fn word(v: usize) -> Result<u32> {
+/// Most chunks the split attention cuts the keys into: attention_combine.wgsl gives each a thread.
+const MAX_CHUNKS: usize = 128;
+
+/// Keys per chunk the split attention aims at on a full cache: a chunk is one 16-key tile of
+/// attention_split.wgsl, and a 2048-row cache of 10 kv heads gives 1280 workgroups (an H100 has 132
+/// multiprocessors), while the partials stay a quarter of the f16 keys and values.
+const CHUNK_KEYS: usize = 16;
+
+/// The attention kernels' shape limits: head size and the grouping of query heads.
+fn check_attention(dims: &AttentionDims) -> Result<()> {
+    if dims.head_dim > MAX_HEAD_DIM || !dims.head_dim.is_multiple_of(2) || dims.head_dim == 0 {
+        return Err(GpuError::Shape(format!(
+            "the attention kernels take even head dimensions up to {MAX_HEAD_DIM}, not {}",
+            dims.head_dim
+        )));
+    }
+    if dims.kv_heads == 0 || !dims.heads.is_multiple_of(dims.kv_heads) {
+        return Err(GpuError::Shape(format!(
+            "{} query heads cannot share {} kv heads",
+            dims.heads, dims.kv_heads
+        )));
+    }
+    Ok(())
+}
+
+pub(super) fn word(v: usize) -> Result<u32> {
     u32::try_from(v)
         .map_err(|_| GpuError::Shape(format!("{v} does not fit a 32-bit kernel parameter")))
 }
@@ -214,18 +240,7 @@ impl Gpu {
         dims: &AttentionDims,
         n: usize,
     ) -> Result<()> {
-        if dims.head_dim > MAX_HEAD_DIM || !dims.head_dim.is_multiple_of(2) {
-            return Err(GpuError::Shape(format!(
-                "attention.wgsl takes even head dimensions up to {MAX_HEAD_DIM}, not {}",
-                dims.head_dim
-            )));
-        }
-        if dims.kv_heads == 0 || !dims.heads.is_multiple_of(dims.kv_heads) {
-            return Err(GpuError::Shape(format!(
-                "{} query heads cannot share {} kv heads",
-                dims.heads, dims.kv_heads
-            )));
-        }
+        check_attention(dims)?;
         let groups = n * dims.heads;
         if groups > self.limits().max_workgroups_per_dim as usize {
             return Err(GpuError::Shape(format!(
@@ -251,6 +266,82 @@ impl Gpu {
             &p,
             &[qkv, k_cache, v_cache, out, step],
             groups,
+        )
+    }
+
+    /// Chunks [`Gpu::attention_decode`] cuts the keys of a cache of `ctx` rows into: about
+    /// [`CHUNK_KEYS`] keys each when the cache is full, at most [`MAX_CHUNKS`]. It depends on the
+    /// cache only, not on the position, so that a decode pass is the same launches every token.
+    pub fn attention_chunks(ctx: usize) -> usize {
+        ctx.div_ceil(CHUNK_KEYS).clamp(1, MAX_CHUNKS)
+    }
+
+    /// f32 values of the `partials` scratch buffer of [`Gpu::attention_decode`] with `chunks` chunks.
+    pub fn attention_partials_len(dims: &AttentionDims, chunks: usize) -> usize {
+        dims.heads * chunks * (dims.head_dim + 2)
+    }
+
+    /// Attention of one query row (position step[0]) over the cache, split over the keys: per chunk
+    /// of keys and kv head a partial softmax into `partials` (attention_split.wgsl), then one merge per
+    /// head into `out` (attention_combine.wgsl). Reads each key and value once for all query heads of
+    /// a kv head, and fills the GPU at long contexts where [`Gpu::attention`] has one workgroup per head.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        qkv: &wgpu::Buffer,
+        k_cache: &wgpu::Buffer,
+        v_cache: &wgpu::Buffer,
+        partials: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        step: &wgpu::Buffer,
+        dims: &AttentionDims,
+        chunks: usize,
+    ) -> Result<()> {
+        check_attention(dims)?;
+        if !(1..=MAX_CHUNKS).contains(&chunks) {
+            return Err(GpuError::Shape(format!(
+                "split attention into {chunks} chunks; it takes 1 to {MAX_CHUNKS}"
+            )));
+        }
+        let need = 4 * Self::attention_partials_len(dims, chunks) as u64;
+        if partials.size() < need {
+            return Err(GpuError::Shape(format!(
+                "split attention of {} heads in {chunks} chunks needs {need} bytes of partials, the \
+                 buffer has {}",
+                dims.heads,
+                partials.size()
+            )));
+        }
+        let scale = 1.0 / (dims.head_dim as f32).sqrt();
+        let p = [
+            word(dims.heads)?,
+            word(dims.kv_heads)?,
+            word(dims.head_dim)?,
+            word(dims.qkv_dim())?,
+            word(dims.kv_dim())?,
+            word(chunks)?,
+            word(dims.window)?,
+            scale.to_bits(),
+        ];
+        let c = [("KV_F16", dims.kv_f16 as u32 as f64)];
+        // Query heads of one kv head, 4 to a workgroup (attention_split.wgsl's GROUP).
+        let qgroups = (dims.heads / dims.kv_heads).div_ceil(4);
+        self.launch(
+            pass,
+            Kernel::AttentionSplit,
+            &c,
+            &p,
+            &[qkv, k_cache, v_cache, partials, step],
+            dims.kv_heads * qgroups * chunks,
+        )?;
+        self.launch(
+            pass,
+            Kernel::AttentionCombine,
+            &[],
+            &p,
+            &[partials, out, step],
+            dims.heads,
         )
     }
 

@@ -24,6 +24,9 @@ pub struct GpuBackend {
     /// recorded pass expects in it.
     step: wgpu::Buffer,
     start: Option<usize>,
+    /// Per-chunk partial softmaxes of the split decode attention, shared by all layers; sized on
+    /// first use.
+    attention_partials: Option<wgpu::Buffer>,
     /// Ops recorded since the last read-back, and in the pass that ended with it.
     ops: usize,
     last_ops: usize,
@@ -66,6 +69,7 @@ impl GpuBackend {
             token,
             step,
             start: None,
+            attention_partials: None,
             ops: 0,
             last_ops: 0,
             recording_time: std::time::Duration::ZERO,
@@ -204,6 +208,45 @@ impl GpuBackend {
             p.collect(&self.gpu)?;
         }
         Ok(out)
+    }
+
+    /// [`Gpu::attention_decode`] of the one row of a decode step, with the partials buffer kept
+    /// from step to step.
+    fn attention_decode(
+        &mut self,
+        qkv: &GpuVector,
+        k: &GpuVector,
+        v: &GpuVector,
+        out: &GpuVector,
+        dims: &AttentionDims,
+        ctx: usize,
+    ) {
+        let chunks = Gpu::attention_chunks(ctx);
+        let len = Gpu::attention_partials_len(dims, chunks);
+        let partials = match self.attention_partials.take() {
+            Some(b) if b.size() >= 4 * len as u64 => b,
+            // NaN, not zeros: a chunk the combine reads before the split writes it shows in the
+            // output (every attention test would fail) instead of passing as a stale finite value.
+            _ => match self.gpu.vector(&vec![f32::NAN; len]) {
+                Ok(v) => {
+                    self.device_bytes += v.buffer.size();
+                    v.buffer
+                }
+                Err(e) => {
+                    self.error.get_or_insert(e);
+                    return;
+                }
+            },
+        };
+        self.attention_partials = Some(partials.clone());
+        let step = self.step.clone();
+        self.record(
+            || "attention".into(),
+            |gpu, pass| {
+                let (q, k, v, o) = (&qkv.buffer, &k.buffer, &v.buffer, &out.buffer);
+                gpu.attention_decode(pass, q, k, v, &partials, o, &step, dims, chunks)
+            },
+        );
     }
 }
 
@@ -405,6 +448,9 @@ impl Backend for GpuBackend {
     ) {
         let dims = self.dims(s);
         self.set_start(start);
+        if n == 1 {
+            return self.attention_decode(qkv, k, v, out, &dims, s.ctx);
+        }
         let step = self.step.clone();
         self.record(
             || "attention".into(),
