@@ -578,7 +578,11 @@ impl Bench<'_> {
                 Ok(())
             }
             "gemv_q4" | "gemv_q3" => {
-                let codec = if op == "gemv_q4" { Codec::Q4 } else { Codec::Q3 };
+                let codec = if op == "gemv_q4" {
+                    Codec::Q4
+                } else {
+                    Codec::Q3
+                };
                 let plan = CodecPlan::compressed();
                 let w = random_tensor(rows, cols, codec, 0.02, self.args.seed, &plan);
                 let ws = uploads(gpu, &w)?;
