@@ -77,6 +77,10 @@ pub enum ModelError {
         max: usize,
     },
 
+    /// `convert --bits`: no codec fits the budget, or an error could not be measured.
+    #[error("codec choice: {0}")]
+    Choice(String),
+
     #[error("sampler: {0}")]
     Sampler(String),
 

@@ -23,6 +23,8 @@ pub struct GpuBackend {
     gpu: Gpu,
     /// KV cache as f16 pairs (half the memory and traffic) or f32 (the exact path).
     kv_f16: bool,
+    /// Whether a q3 matrix was uploaded (no batched product for q3: see `max_batch`).
+    q3_weights: bool,
     recording: Option<Recording>,
     error: Option<GpuError>,
     /// The greedy token id, written by argmax.wgsl.
@@ -71,6 +73,7 @@ impl GpuBackend {
         Ok(Self {
             gpu,
             kv_f16,
+            q3_weights: false,
             recording: None,
             error: None,
             token,
@@ -299,6 +302,8 @@ impl Backend for GpuBackend {
     }
 
     fn matrix(&mut self, host: Tensor) -> Result<GpuMatrix> {
+        // spmm.wgsl has no q3 decoder: a model with q3 matrices feeds one position a pass.
+        self.q3_weights |= host.codec() == crate::format::Codec::Q3;
         let m = self.gpu.upload(&host)?;
         self.device_bytes += m.device_bytes();
         Ok(m)
@@ -344,7 +349,7 @@ impl Backend for GpuBackend {
 
     fn max_batch(&self) -> usize {
         // Batches go through spmm.wgsl where the device has its workgroup memory.
-        if self.gpu.has_batched_product() {
+        if self.gpu.has_batched_product() && !self.q3_weights {
             MAX_BATCH
         } else {
             1

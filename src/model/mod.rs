@@ -15,6 +15,7 @@
 pub mod backend;
 pub mod calibration;
 pub mod checkpoint;
+pub mod codec_choice;
 pub mod config;
 pub mod convert;
 pub mod cpu_backend;
