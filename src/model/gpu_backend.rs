@@ -261,8 +261,17 @@ impl GpuBackend {
 }
 
 /// The profile's name of a product: codec and shape (the shape tells Phi-4's projections apart).
-fn product_label(what: &str, w: &GpuMatrix) -> String {
-    format!("{what} {:?} {}x{}", w.codec, w.rows, w.cols)
+fn product_label(what: &str, w: &GpuMatrix, n: usize) -> String {
+    batch_label(&format!("{what} {:?} {}x{}", w.codec, w.rows, w.cols), n)
+}
+
+/// A batch (prefill) says its size, so that its rows stay apart from decode's in the profile.
+fn batch_label(what: &str, n: usize) -> String {
+    if n == 1 {
+        what.to_string()
+    } else {
+        format!("{what} (batch of {n})")
+    }
 }
 
 /// y = W x for n rows (y += W x with `add`): one vector through the decode kernels, a batch through
@@ -375,14 +384,14 @@ impl Backend for GpuBackend {
 
     fn matmul(&mut self, w: &GpuMatrix, x: &GpuVector, y: &mut GpuVector, n: usize) {
         self.record(
-            || product_label("matmul", w),
+            || product_label("matmul", w, n),
             |gpu, pass| product(gpu, pass, w, x, y, n, false),
         );
     }
 
     fn matmul_add(&mut self, w: &GpuMatrix, x: &GpuVector, y: &mut GpuVector, n: usize) {
         self.record(
-            || product_label("matmul+add", w),
+            || product_label("matmul+add", w, n),
             |gpu, pass| product(gpu, pass, w, x, y, n, true),
         );
     }
@@ -397,7 +406,7 @@ impl Backend for GpuBackend {
         width: usize,
     ) {
         self.record(
-            || "rmsnorm".into(),
+            || batch_label("rmsnorm", n),
             |gpu, pass| {
                 gpu.rmsnorm(
                     pass,
@@ -478,7 +487,7 @@ impl Backend for GpuBackend {
         }
         let step = self.step.clone();
         self.record(
-            || "attention".into(),
+            || batch_label("attention", n),
             |gpu, pass| {
                 gpu.attention(
                     pass,
@@ -511,7 +520,7 @@ impl Backend for GpuBackend {
             return self.matmul(w, normed, y, n);
         }
         self.record(
-            || product_label("norm+matmul", w),
+            || product_label("norm+matmul", w, 1),
             |gpu, pass| {
                 let prologue = Prologue::Norm { weight, eps };
                 let (x, y) = (view(x, w.cols), view(y, w.rows));
@@ -534,7 +543,7 @@ impl Backend for GpuBackend {
             return self.matmul_add(w, mlp, y, n);
         }
         self.record(
-            || product_label("swiglu+matmul+add", w),
+            || product_label("swiglu+matmul+add", w, 1),
             |gpu, pass| {
                 let (x, y) = (view(gate_up, 2 * w.cols), view(y, w.rows));
                 gpu.matvec_fused(pass, w, &x, &y, Some(&y), Prologue::SwiGlu)
