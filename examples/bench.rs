@@ -5,6 +5,7 @@
 //! cargo run --release --example bench -- --list
 //! cargo run --release --example bench -- --ops copy,spmv,gemv_f16,decompress --shapes square,phi4 --json out.json
 //! cargo run --release --example bench -- --ops gemv_q4 --shapes 100352x5120 --spmv-set "QUADS=1;QUADS=2"
+//! cargo run --release --example bench -- --ops copy,gemv_q3,spmv --shapes phi4 --spmv-set "ROWS=2;ROWS=4"
 //! ```
 //!
 //! Times are GPU timestamps around each dispatch (its own compute pass) where the adapter has
@@ -12,12 +13,13 @@
 //! the median of `--runs`. Weight copies are rotated so that each run reads weights that are not in
 //! the cache (at least 256 MB of them, at most 256 copies). GB/s counts the codec's stored bytes (spmv:
 //! the file's 25 bytes per 64 weights; gemv_f16: 2 bytes a weight; gemv_q4: 4.5 bits a weight, the
-//! scale per 32 included; decompress: compressed bytes read plus f16 bytes written; copy: bytes read
+//! scale per 32 included; gemv_q3: 3.125 bits a weight, the scale per 128 included; decompress: compressed bytes read plus f16 bytes written; copy: bytes read
 //! plus written). % copy compares with the copy kernel.
 //!
 //! `spmv_norm` and `spmv_swiglu` are the fused products of a decode step: RMSNorm of x staged with it
 //! (qkv, gate_up), and silu(gate) * up of a 2 * cols input staged with it plus the residual add in
-//! place (down). `gemv_q4` is the q4 codec (group 32), Phi-4's lm_head at 100352 x 5120.
+//! place (down). `gemv_q4` is the q4 codec (group 32), Phi-4's lm_head at 100352 x 5120; `gemv_q3` the
+//! dense 3-bit codec (group 128), the sparse codec's equal in bits.
 //!
 //! `spmm` is the batched product of prefill at `--batch` x rows (tok/s: rows of x per second).
 //! `pp` and `tg` (ops `pp`, `tg`) are prompt processing and token generation on a synthetic model
@@ -50,7 +52,8 @@ struct Args {
     /// Adapter name substring, `all` for every adapter, or `cpu` for the CPU path.
     #[arg(long)]
     adapter: Option<String>,
-    /// Comma-separated: copy, spmv, spmv_norm, spmv_swiglu, gemv_f16, gemv_q4, decompress, spmm, pp, tg.
+    /// Comma-separated: copy, spmv, spmv_norm, spmv_swiglu, gemv_f16, gemv_q4, gemv_q3, decompress,
+    /// spmm, pp, tg.
     #[arg(long, default_value = "copy,spmv,gemv_f16,decompress,pp,tg")]
     ops: String,
     /// Comma-separated batch sizes (rows of x) of the spmm op.
@@ -81,9 +84,10 @@ struct Args {
     /// Turn off wgpu's shader bounds checks and loop bounding.
     #[arg(long)]
     unchecked: bool,
-    /// Configurations to compare in the spmv, spmv_norm, spmv_swiglu and gemv_q4 rows, `;`-separated,
-    /// each a `,`-separated list of NAME=VALUE override constants of spmv.wgsl or gemv_q4.wgsl (e.g.
-    /// "SLICES=4;SLICES=8,ROW_LANES=2"), each applied where declared; empty = the launcher's.
+    /// Configurations to compare in the spmv, spmv_norm, spmv_swiglu, gemv_q4 and gemv_q3 rows,
+    /// `;`-separated, each a `,`-separated list of NAME=VALUE override constants of spmv.wgsl,
+    /// gemv_q4.wgsl or gemv_q3.wgsl (e.g. "SLICES=4;SLICES=8,ROW_LANES=2"), each applied where
+    /// declared; empty = the launcher's.
     #[arg(long)]
     spmv_set: Option<String>,
     /// Size of the copy buffers in MiB (capped at the device's largest storage binding; 256 on the
@@ -113,7 +117,7 @@ const PHI4: &[(usize, usize)] = &[
 ];
 const SQUARE: &[usize] = &[512, 1024, 2048, 5120];
 /// The ops that `--spmv-set` configurations apply to.
-const SET_OPS: &[&str] = &["spmv", "spmv_norm", "spmv_swiglu", "gemv_q4"];
+const SET_OPS: &[&str] = &["spmv", "spmv_norm", "spmv_swiglu", "gemv_q4", "gemv_q3"];
 /// Weight bytes each measurement rotates through, so that the 50 MB L2 of an H100 serves none.
 const ROTATE_BYTES: usize = 256 << 20;
 
@@ -577,9 +581,14 @@ impl Bench<'_> {
                 )?;
                 Ok(())
             }
-            "gemv_q4" => {
+            "gemv_q4" | "gemv_q3" => {
+                let codec = if op == "gemv_q4" {
+                    Codec::Q4
+                } else {
+                    Codec::Q3
+                };
                 let plan = CodecPlan::compressed();
-                let w = random_tensor(rows, cols, Codec::Q4, 0.02, self.args.seed, &plan);
+                let w = random_tensor(rows, cols, codec, 0.02, self.args.seed, &plan);
                 let ws = uploads(gpu, &w)?;
                 let n = ws.len();
                 self.measure(
@@ -656,7 +665,7 @@ impl Bench<'_> {
                 Ok(())
             }
             other => {
-                eprintln!("unknown op '{other}' (use copy, spmv, spmv_norm, spmv_swiglu, gemv_f16, gemv_q4, decompress, spmm, pp, tg)");
+                eprintln!("unknown op '{other}' (use copy, spmv, spmv_norm, spmv_swiglu, gemv_f16, gemv_q4, gemv_q3, decompress, spmm, pp, tg)");
                 Ok(())
             }
         }
@@ -888,8 +897,14 @@ fn bench_cpu(
                     time(&mut || upg::cpu::spmv(&sparse, &x, &mut y))?,
                     sparse.stored_bytes() as u64,
                 ),
-                "gemv_f16" => {
-                    let w = random_f16(rows, cols, args.seed);
+                "gemv_f16" | "gemv_q3" => {
+                    let w = match op {
+                        "gemv_q3" => {
+                            let plan = CodecPlan::compressed();
+                            random_tensor(rows, cols, Codec::Q3, 0.02, args.seed, &plan)
+                        }
+                        _ => random_f16(rows, cols, args.seed),
+                    };
                     (
                         time(&mut || upg::cpu::spmv(&w, &x, &mut y))?,
                         w.stored_bytes() as u64,

@@ -35,6 +35,8 @@ enum Codecs {
     Compressed,
     /// Dense f32 everywhere: the reference path.
     Exact,
+    /// Dense q3 linear layers (group 128, the sparse codec's 3.125 bits), q4 embedding and lm_head.
+    Q3,
 }
 
 #[derive(Parser, Debug)]
@@ -103,6 +105,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let plan = match args.codecs {
         Codecs::Compressed => CodecPlan::compressed(),
         Codecs::Exact => CodecPlan::exact(),
+        Codecs::Q3 => CodecPlan {
+            linear: upg::format::Codec::Q3,
+            ..CodecPlan::compressed()
+        },
     };
     let t0 = Instant::now();
     let (config, weights, tokenizer, prompt) = match &args.synthetic {

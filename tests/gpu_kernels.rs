@@ -14,7 +14,7 @@
 use half::f16;
 use upg::cpu::reference;
 use upg::device::Device;
-use upg::format::{Dense, DenseF16, DenseF32, Q4Matrix, SparseMatrix, Tensor};
+use upg::format::{Dense, DenseF16, DenseF32, Q3Matrix, Q4Matrix, SparseMatrix, Tensor};
 use upg::gpu::{gpu_or_skip, DenseKind, Gpu, GpuError, GpuOptions, GpuVector, LimitOverrides};
 use upg::rng::{test_seed, Rng};
 
@@ -240,6 +240,9 @@ fn dense_gemv_matches_the_reference() {
                 Tensor::F32(DenseF32::encode(&dw).unwrap()),
                 Tensor::Q4(Q4Matrix::encode(&dw, 32).unwrap()),
                 Tensor::Q4(Q4Matrix::encode(&dw, 64).unwrap()),
+                Tensor::Q3(Q3Matrix::encode(&dw, 32).unwrap()),
+                Tensor::Q3(Q3Matrix::encode(&dw, 64).unwrap()),
+                Tensor::Q3(Q3Matrix::encode(&dw, 128).unwrap()),
             ];
             for w in &tensors {
                 let x = random_x(&mut rng, cols);
@@ -251,6 +254,47 @@ fn dense_gemv_matches_the_reference() {
                 check(
                     &format!("{what} + r"),
                     &gpu_matvec(gpu, w, &x, Some(&r)),
+                    &want,
+                    &tol,
+                );
+            }
+        }
+    }
+}
+
+/// gemv_q3 with 1, 2 and 4 rows per team (the launcher's choice is 4), x staged in workgroup memory
+/// or read by each lane: odd row counts leave teams with rows past the end, rows of more than 32 runs
+/// take several staging rounds, the last one partial, and y is updated in place too.
+#[test]
+fn gemv_q3_matches_the_reference_at_every_rows_per_team() {
+    let mut rng = Rng::new(test_seed("gemv_q3_rows_per_team"));
+    for (rows_per_team, stage) in [(1.0, 1.0), (2.0, 0.0), (2.0, 1.0), (4.0, 0.0), (4.0, 1.0)] {
+        let gpus = variants_with(
+            LimitOverrides::default(),
+            &[("ROWS", rows_per_team), ("STAGE_X", stage)],
+        );
+        for gpu in &gpus {
+            for &(rows, cols) in &[(1, 32), (7, 250), (45, 333), (70, 448), (9, 2100)] {
+                let d = dense(&mut rng, rows, cols);
+                let w = Tensor::Q3(
+                    Q3Matrix::encode(&Dense::f32(rows, cols, &d).unwrap(), 128).unwrap(),
+                );
+                let x = random_x(&mut rng, cols);
+                let r = random_x(&mut rng, rows);
+                let what = format!(
+                    "{} q3 rows/team {rows_per_team} staged {stage} [{rows}, {cols}]",
+                    gpu.describe()
+                );
+                let (want, tol) = reference_f64(&w, &x, None);
+                check(&what, &gpu_matvec(gpu, &w, &x, None), &want, &tol);
+                let (want, tol) = reference_f64(&w, &x, Some(&r));
+                let m = gpu.upload(&w).unwrap();
+                let (xv, y) = (gpu.vector(&x).unwrap(), gpu.vector(&r).unwrap());
+                gpu.run(|pass| gpu.matvec(pass, &m, &xv, &y, Some(&y)))
+                    .unwrap();
+                check(
+                    &format!("{what}, y += W x"),
+                    &gpu.read(&y).unwrap(),
                     &want,
                     &tol,
                 );
@@ -453,6 +497,18 @@ fn lowered_limits_split_bindings_dispatch_in_2d_and_tile_x() {
         check(
             "gemv_f16, split",
             &gpu_matvec(gpu, &d, &x, None),
+            &want,
+            &tol,
+        );
+        // q3: 384 bytes of codes a row (32 runs), so 170 rows a chunk; each chunk's 6 workgroups
+        // need a 2D grid, and the lowered workgroup memory leaves x unstaged.
+        let dq = dense(&mut rng, rows, cols);
+        let q = Tensor::Q3(Q3Matrix::encode(&Dense::f32(rows, cols, &dq).unwrap(), 128).unwrap());
+        assert_eq!(gpu.upload(&q).unwrap().chunks(), 4);
+        let (want, tol) = reference_f64(&q, &x, None);
+        check(
+            "gemv_q3, split",
+            &gpu_matvec(gpu, &q, &x, None),
             &want,
             &tol,
         );

@@ -5,6 +5,7 @@
 mod model_common;
 
 use model_common::{fixture, reference, worst_row_rel_error};
+use upg::format::Codec;
 use upg::gpu::{gpu_or_skip, GpuOptions};
 use upg::model::{Checkpoint, CodecPlan, Cpu, GpuBackend, HostWeights, Phi3, Sampler};
 
@@ -86,7 +87,14 @@ fn gpu_greedy_tokens_equal_cpu_and_transformers() {
 
     // Compressed weights and the f16 KV cache: no reference outside this crate, so the CPU backend
     // with the same weights is the reference; the greedy tokens must agree.
-    for plan in [CodecPlan::compressed(), CodecPlan::exact()] {
+    // Dense q3 everywhere: its gemv kernel and embedding lookup.
+    let q3 = CodecPlan {
+        linear: Codec::Q3,
+        embed: Codec::Q3,
+        lm_head: Codec::Q3,
+        ..CodecPlan::exact()
+    };
+    for plan in [CodecPlan::compressed(), CodecPlan::exact(), q3] {
         let Some(mut gpu) = load_gpu("phi3-tiny", &plan, 32, true) else {
             return;
         };
@@ -103,6 +111,37 @@ fn gpu_greedy_tokens_equal_cpu_and_transformers() {
             "{plan:?}: GPU and CPU greedy tokens differ"
         );
     }
+}
+
+/// The q3 codec everywhere (linear layers, embedding, lm_head), f32 KV cache: the GPU's logits are the
+/// CPU's up to f32 rounding in another summation order, as on the dense path.
+#[test]
+fn gpu_q3_logits_match_the_cpu() {
+    let plan = CodecPlan {
+        linear: Codec::Q3,
+        embed: Codec::Q3,
+        lm_head: Codec::Q3,
+        ..CodecPlan::exact()
+    };
+    let tokens = reference(&fixture("phi3-tiny"))["tokens"].ids();
+    let Some(mut gpu) = load_gpu("phi3-tiny", &plan, 64, false) else {
+        return;
+    };
+    let mut cpu = load_cpu("phi3-tiny", &plan, 64);
+    let vocab = cpu.config.vocab_size;
+    let g = gpu.forward_all(&tokens).unwrap();
+    let c: Vec<f64> = cpu
+        .forward_all(&tokens)
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let (err, pos) = worst_row_rel_error(&g, &c, vocab);
+    println!("q3: GPU vs CPU worst relative error {err:.2e} at position {pos}");
+    assert!(
+        err <= LOGIT_TOL,
+        "position {pos}: {err:.2e} > {LOGIT_TOL:.0e}"
+    );
 }
 
 #[test]

@@ -37,7 +37,7 @@ fn check_matmul<B: Backend>(b: &mut B, rng: &mut Rng) {
         if n > b.max_batch() {
             continue;
         }
-        for codec in [Codec::F32, Codec::F16, Codec::Q4, Codec::Sparse] {
+        for codec in [Codec::F32, Codec::F16, Codec::Q4, Codec::Q3, Codec::Sparse] {
             let w = rng.normal_vec(rows * cols, 0.1);
             let t = encode(
                 &Dense::f32(rows, cols, &w).unwrap(),
@@ -351,26 +351,29 @@ fn check_elementwise<B: Backend>(b: &mut B, rng: &mut Rng) {
         "copy wrote outside its range"
     );
 
-    // Embedding rows of a q4 table are its decoded rows.
-    let (vocab, hidden) = (30, 64);
-    let table = encode(
-        &Dense::f32(vocab, hidden, &rng.normal_vec(vocab * hidden, 1.0)).unwrap(),
-        Codec::Q4,
-        &CodecPlan::exact(),
-    )
-    .unwrap();
-    let decoded = reference::decompress_f32(&table);
-    let tokens = [3u32, 29, 0, 3];
-    let m = b.matrix(table).unwrap();
-    let mut out = poisoned(b, tokens.len() * hidden);
-    b.embed(&m, &tokens, &mut out);
-    let got = b.read(&out, tokens.len() * hidden).unwrap();
-    for (t, &tok) in tokens.iter().enumerate() {
-        assert_eq!(
-            &got[t * hidden..][..hidden],
-            &decoded[tok as usize * hidden..][..hidden],
-            "embed token {tok}"
-        );
+    // Embedding rows of a q4 or q3 table are its decoded rows (100 columns: a partial last run of
+    // 32, and q3's split codes of columns 30 and 31 in the others).
+    let (vocab, hidden) = (30, 100);
+    for codec in [Codec::Q4, Codec::Q3] {
+        let table = encode(
+            &Dense::f32(vocab, hidden, &rng.normal_vec(vocab * hidden, 1.0)).unwrap(),
+            codec,
+            &CodecPlan::exact(),
+        )
+        .unwrap();
+        let decoded = reference::decompress_f32(&table);
+        let tokens = [3u32, 29, 0, 3];
+        let m = b.matrix(table).unwrap();
+        let mut out = poisoned(b, tokens.len() * hidden);
+        b.embed(&m, &tokens, &mut out);
+        let got = b.read(&out, tokens.len() * hidden).unwrap();
+        for (t, &tok) in tokens.iter().enumerate() {
+            assert_eq!(
+                &got[t * hidden..][..hidden],
+                &decoded[tok as usize * hidden..][..hidden],
+                "embed {codec:?} token {tok}"
+            );
+        }
     }
 }
 
@@ -421,7 +424,7 @@ fn check_fused<B: Backend>(b: &mut B, rng: &mut Rng) {
         if n > b.max_batch() {
             continue;
         }
-        for codec in [Codec::Sparse, Codec::Q4, Codec::F32] {
+        for codec in [Codec::Sparse, Codec::Q4, Codec::Q3, Codec::F32] {
             let w = rng.normal_vec(rows * cols, 0.1);
             let t = encode(
                 &Dense::f32(rows, cols, &w).unwrap(),
@@ -727,7 +730,7 @@ fn cpu_ops_match_f64_on_every_simd_path() {
 fn cpu_linear_batched_equals_single_bit_for_bit() {
     let mut rng = Rng::new(test_seed("cpu_linear_batched_equals_single_bit_for_bit"));
     let (rows, cols, n) = (45, 192, 6);
-    for codec in [Codec::F32, Codec::F16, Codec::Q4, Codec::Sparse] {
+    for codec in [Codec::F32, Codec::F16, Codec::Q4, Codec::Q3, Codec::Sparse] {
         let w = rng.normal_vec(rows * cols, 0.05);
         let t = encode(
             &Dense::f32(rows, cols, &w).unwrap(),

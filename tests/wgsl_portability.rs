@@ -42,11 +42,23 @@ fn override_sets(k: Kernel) -> Vec<Vec<(&'static str, f64)>> {
             vec![("GROUP_CHUNKS", 2.0), ("RESIDUAL", 1.0), ("QUADS", 2.0)],
             vec![("QUADS", 3.0), ("RESIDUAL", 2.0)],
         ],
+        Kernel::GemvQ3 => vec![
+            vec![],
+            vec![("GROUP_RUNS", 1.0), ("ROWS", 4.0), ("RESIDUAL", 1.0)],
+            vec![("GROUP_RUNS", 2.0), ("ROWS", 1.0), ("RESIDUAL", 2.0)],
+            vec![("STAGE_X", 0.0), ("ROWS", 2.0)],
+        ],
         Kernel::GemvF16 | Kernel::GemvF32 => vec![vec![], vec![("RESIDUAL", 2.0)]],
         Kernel::KvStore | Kernel::RopeKv | Kernel::Attention | Kernel::AttentionSplit => {
             vec![vec![], vec![("KV_F16", 0.0)]]
         }
-        Kernel::Embed => vec![vec![], vec![("CODEC", 1.0)], vec![("CODEC", 2.0)]],
+        Kernel::Embed => vec![
+            vec![],
+            vec![("CODEC", 1.0)],
+            vec![("CODEC", 2.0)],
+            vec![("CODEC", 3.0)],
+            vec![("FROM_TOKEN", 1.0)],
+        ],
         Kernel::Spmm => vec![
             vec![],
             vec![("GROUP_BLOCKS", 4.0), ("RESIDUAL", 1.0)],

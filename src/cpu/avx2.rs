@@ -8,6 +8,9 @@
 //! the accumulators. The first pass runs one row ahead of the second ([`for_each_row`]): a load
 //! that straddles recent stores cannot be forwarded from them and would wait until they retire.
 //!
+//! q3 rows take the q4 path: [`expand_q3_codes`] writes each code `c` as the byte of the q4 code
+//! `c + 4`, whose level `2 (c + 4) - 15` is q3's `2c - 7`, so the chunk loop is the same.
+//!
 //! Every function here is `unsafe` only because it needs the CPU features: callers check
 //! [`available`] first. Slice lengths are checked by the caller (`cpu::check_tensor`) and by the
 //! padded buffers allocated here, so a corrupt mask gives wrong values, never an out-of-bounds read.
@@ -19,8 +22,9 @@ use half::f16;
 use super::lut::{MAGIC, SPLIT};
 use super::scalar::{self, ACCS, CHUNK};
 use super::Lines;
+use crate::format::dense::Q3_RUN_BYTES;
 use crate::format::sparse::{BLOCK, BLOCK_CODE_BYTES};
-use crate::format::{DenseF16, Q4Matrix, Tensor};
+use crate::format::{DenseF16, Q3Matrix, Q4Matrix, Tensor};
 
 pub fn available() -> bool {
     is_x86_feature_detected!("avx2")
@@ -109,6 +113,88 @@ fn expand_codes(codes: &[u8], out: &mut [u8]) {
     }
 }
 
+/// Rewrites q3 codes (runs of 32 columns, three bit planes of 4 bytes; see [`Q3Matrix`]) as the
+/// bytes [`expand_codes`] makes of q4 codes `c + 4`: each run becomes 32 bytes at `FRONT` in its
+/// [`SLOT`] of `out`. A byte shuffle gives every column the plane bytes holding its bits, a compare
+/// against the column's bit tests them, and a table maps `2c` to the output byte.
+#[target_feature(enable = "avx2,fma,f16c,popcnt")]
+fn expand_q3_codes(codes: &[u8], out: &mut [u8]) {
+    assert!(
+        codes.len().is_multiple_of(Q3_RUN_BYTES) && out.len() >= codes.len() / Q3_RUN_BYTES * SLOT
+    );
+    // Column i (byte i; each 128-bit lane sees the whole run) takes byte i / 8 of plane b.
+    let plane = |b: i8| {
+        _mm256_setr_epi8(
+            4 * b,
+            4 * b,
+            4 * b,
+            4 * b,
+            4 * b,
+            4 * b,
+            4 * b,
+            4 * b,
+            4 * b + 1,
+            4 * b + 1,
+            4 * b + 1,
+            4 * b + 1,
+            4 * b + 1,
+            4 * b + 1,
+            4 * b + 1,
+            4 * b + 1,
+            4 * b + 2,
+            4 * b + 2,
+            4 * b + 2,
+            4 * b + 2,
+            4 * b + 2,
+            4 * b + 2,
+            4 * b + 2,
+            4 * b + 2,
+            4 * b + 3,
+            4 * b + 3,
+            4 * b + 3,
+            4 * b + 3,
+            4 * b + 3,
+            4 * b + 3,
+            4 * b + 3,
+            4 * b + 3,
+        )
+    };
+    let (p0, p1, p2) = (plane(0), plane(1), plane(2));
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    // Byte 2c -> (2 (c + 4)) ^ 0x11, the q4 byte of code c + 4.
+    let to_q4 = _mm256_setr_epi8(
+        0x19, 0, 0x1B, 0, 0x1D, 0, 0x1F, 0, 0x01, 0, 0x03, 0, 0x05, 0, 0x07, 0, 0x19, 0, 0x1B, 0,
+        0x1D, 0, 0x1F, 0, 0x01, 0, 0x03, 0, 0x05, 0, 0x07, 0,
+    );
+    let weight = |v: __m256i, idx: __m256i, value: i8| {
+        let b = _mm256_and_si256(_mm256_shuffle_epi8(v, idx), bit);
+        _mm256_and_si256(_mm256_cmpeq_epi8(b, bit), _mm256_set1_epi8(value))
+    };
+    let runs = codes.len() / Q3_RUN_BYTES;
+    for k in 0..runs {
+        let run = &codes[k * Q3_RUN_BYTES..];
+        let mut tail = [0u8; 16];
+        let src = if run.len() >= 16 {
+            run.as_ptr()
+        } else {
+            tail[..Q3_RUN_BYTES].copy_from_slice(&run[..Q3_RUN_BYTES]);
+            tail.as_ptr()
+        };
+        // SAFETY: 16 readable bytes at `src` (the run and what follows it, or `tail`); 32 bytes
+        // stored at `SLOT k + FRONT`, inside `out` (asserted).
+        unsafe {
+            let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(src as *const __m128i));
+            let two_c = _mm256_or_si256(
+                _mm256_or_si256(weight(v, p0, 2), weight(v, p1, 4)),
+                weight(v, p2, 8),
+            );
+            let bytes = _mm256_shuffle_epi8(to_q4, two_c);
+            let d = out.as_mut_ptr().add(SLOT * k + FRONT);
+            _mm256_storeu_si256(d as *mut __m256i, bytes);
+        }
+    }
+}
+
 /// 8 decoded weights from a 32-byte source at `src` whose halves meet at the chunk's half-chunk rank,
 /// placed by the [`SPLIT`] entry at `idx`.
 #[inline]
@@ -145,6 +231,10 @@ impl Scratch {
                 let padded = Q4Matrix::padded_cols(cols, m.group);
                 (padded / 32, padded / m.group, 0)
             }
+            Tensor::Q3(m) => {
+                let padded = Q3Matrix::padded_cols(cols, m.group);
+                (padded / 32, padded / m.group, 0)
+            }
             _ => (0, 0, 0),
         };
         Self {
@@ -155,7 +245,7 @@ impl Scratch {
         }
     }
 
-    /// Prepares row `r` of a sparse or q4 tensor (nothing for dense ones).
+    /// Prepares row `r` of a sparse, q4 or q3 tensor (nothing for dense ones).
     #[target_feature(enable = "avx2,fma,f16c,popcnt")]
     fn load(&mut self, w: &Tensor, r: usize) {
         let (codes, scales) = match w {
@@ -172,6 +262,13 @@ impl Scratch {
                     &m.codes[r * padded / 2..][..padded / 2],
                     &m.scales[r * ng..][..ng],
                 )
+            }
+            Tensor::Q3(m) => {
+                let ng = Q3Matrix::padded_cols(m.cols, m.group) / m.group;
+                let rb = Q3Matrix::row_bytes(m.cols, m.group);
+                expand_q3_codes(&m.codes[r * rb..][..rb], self.bytes.bytes_mut());
+                self.zero_scale = scale_pairs(&m.scales[r * ng..][..ng], &mut self.scales);
+                return;
             }
             _ => return,
         };
@@ -329,24 +426,26 @@ fn for_sparse_chunks(
     }
 }
 
-/// Calls `sink(c, w)` for every 8-column chunk `c` of a prepared q4 row (all padded columns): a
-/// sparse row whose every mask byte is 0xFF.
+/// Calls `sink(c, w)` for the 8-column chunks of the first `runs` 32-column runs of a prepared q4 or
+/// q3 row (at most all padded columns): a sparse row whose every mask byte is 0xFF. The four chunks
+/// of a run are a loop of constant length, so `c % 4` (the accumulator) is known after unrolling.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
-fn for_q4_chunks(row: &Scratch, group: usize, mut sink: impl FnMut(usize, __m256)) {
-    let per_group = group / CHUNK;
-    assert!(row.bytes.bytes().len() >= row.scales.len() * group / 32 * SLOT);
+fn for_q4_chunks(row: &Scratch, group: usize, runs: usize, mut sink: impl FnMut(usize, __m256)) {
+    let per_group = group / 32;
+    assert!(row.bytes.bytes().len() >= row.scales.len() * per_group * SLOT);
     let idx = SPLIT.0[0xFF].as_ptr();
     let bytes = row.bytes.bytes().as_ptr();
     for (g, s) in row.scales.iter().enumerate() {
         let s128 = _mm256_set1_ps(s[0]);
         let s144 = _mm256_set1_ps(s[1]);
-        for j in 0..per_group {
-            let c = g * per_group + j;
-            // Chunk c is chunk c % 4 of slot c / 4; its half-chunk rank is 8 (c % 4) + 4, so its
-            // source starts at slot + 8 (c % 4) + 4, inside the slot (asserted above).
-            let src = SLOT * (c / 4) + CHUNK * (c % 4) + 4;
-            sink(c, unsafe { chunk(bytes.add(src), idx, s128, s144) });
+        for q in g * per_group..((g + 1) * per_group).min(runs) {
+            for j in 0..4 {
+                // Chunk j of run q: its half-chunk rank is 8 j + 4, so its source starts at
+                // slot + 8 j + 4, inside the slot (asserted above).
+                let src = SLOT * q + CHUNK * j + 4;
+                sink(4 * q + j, unsafe { chunk(bytes.add(src), idx, s128, s144) });
+            }
         }
     }
 }
@@ -466,11 +565,12 @@ pub unsafe fn spmv_rows(w: &Tensor, r0: usize, x: &[f32], y: &mut [f32]) {
                 y[i] = reduce(&acc);
             });
         }
-        Tensor::Q4(m) => {
-            assert!(x.len() >= Q4Matrix::padded_cols(cols, m.group));
+        Tensor::Q4(Q4Matrix { group, .. }) | Tensor::Q3(Q3Matrix { group, .. }) => {
+            let width = decoded_width(w);
+            assert!(x.len() >= width);
             for_each_row(w, r0, y.len(), |i, row| {
                 let mut acc = [_mm256_setzero_ps(); ACCS];
-                for_q4_chunks(row, m.group, |c, wv| {
+                for_q4_chunks(row, *group, width / 32, |c, wv| {
                     fma_at(&mut acc, c, wv, _mm256_loadu_ps(xp.add(CHUNK * c)));
                 });
                 y[i] = reduce(&acc);
@@ -482,15 +582,6 @@ pub unsafe fn spmv_rows(w: &Tensor, r0: usize, x: &[f32], y: &mut [f32]) {
                 *yi = dot_f16(&values[(r0 + i) * cols..][..cols], xp);
             }
         }
-        Tensor::Q3(_) => {
-            // No SIMD decoder for q3 yet: the reference decode, then the shared dot product.
-            assert!(x.len() >= cols.next_multiple_of(CHUNK));
-            let mut row = vec![0.0f32; cols.next_multiple_of(CHUNK)];
-            for (i, yi) in y.iter_mut().enumerate() {
-                scalar::decode_row(w, r0 + i, &mut row);
-                *yi = dot(row.as_ptr(), xp, cols);
-            }
-        }
         Tensor::F32(m) => gemv_rows(&m.values[r0 * cols..], cols, x, y),
     }
 }
@@ -500,23 +591,25 @@ fn too_wide(w: &Tensor) -> bool {
     matches!(w, Tensor::Sparse(m) if m.blocks_per_row() > MAX_BLOCKS)
 }
 
-/// Columns a prepared row decodes to: whole blocks (sparse) or whole q4 groups.
+/// Columns a prepared row decodes to: whole blocks (sparse), whole q4 groups, or q3 columns up to
+/// the next multiple of 64 (x's padding; a q3 group of 128 may reach past it).
 fn decoded_width(w: &Tensor) -> usize {
     match w {
         Tensor::Sparse(m) => m.blocks_per_row() * BLOCK,
         Tensor::Q4(m) => Q4Matrix::padded_cols(m.cols, m.group),
+        Tensor::Q3(m) => Q3Matrix::padded_cols(m.cols, m.group).min(m.cols.next_multiple_of(BLOCK)),
         _ => 0,
     }
 }
 
 /// Decodes prepared row `r` into `out[..decoded_width]` with whole-chunk stores (zero past `cols`
-/// for sparse rows, whose padding is pruned; q4 padding is garbage the caller must not keep).
+/// for sparse rows, whose padding is pruned; q4 and q3 padding is garbage the caller must not keep).
 /// Returns false, writing nothing, for dense tensors and rows with a zero scale, which the scalar
 /// decoder handles.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,popcnt")]
 fn decode_prepared(w: &Tensor, row: &Scratch, out: &mut [f32]) -> bool {
-    if row.zero_scale || !matches!(w, Tensor::Sparse(_) | Tensor::Q4(_)) {
+    if row.zero_scale || !matches!(w, Tensor::Sparse(_) | Tensor::Q4(_) | Tensor::Q3(_)) {
         return false;
     }
     assert!(out.len() >= decoded_width(w));
@@ -525,7 +618,9 @@ fn decode_prepared(w: &Tensor, row: &Scratch, out: &mut [f32]) -> bool {
     let store = |c: usize, wv: __m256| unsafe { _mm256_storeu_ps(o.add(CHUNK * c), wv) };
     match w {
         Tensor::Sparse(m) => for_sparse_chunks(row, m.blocks_per_row(), m.group / BLOCK, store),
-        Tensor::Q4(m) => for_q4_chunks(row, m.group, store),
+        Tensor::Q4(Q4Matrix { group, .. }) | Tensor::Q3(Q3Matrix { group, .. }) => {
+            for_q4_chunks(row, *group, decoded_width(w) / 32, store)
+        }
         _ => return false,
     }
     true

@@ -7,8 +7,9 @@
 
 use half::f16;
 
+use crate::format::dense::{Q3_GRID, Q3_RUN_BYTES};
 use crate::format::sparse::{BLOCK, BLOCK_CODE_BYTES};
-use crate::format::{Q4Matrix, SparseMatrix, Tensor};
+use crate::format::{Q3Matrix, Q4Matrix, SparseMatrix, Tensor};
 
 /// Columns per accumulator lane group (one AVX2 register).
 pub const CHUNK: usize = 8;
@@ -93,16 +94,40 @@ pub fn decode_q4_row(m: &Q4Matrix, r: usize, out: &mut [f32]) {
     }
 }
 
+/// Row `r` of a q3 matrix into `out`, zero past `cols`: a run's three bit planes read as words, bit
+/// `i` of plane `b` being bit `b` of column `i`'s code.
+pub fn decode_q3_row(m: &Q3Matrix, r: usize, out: &mut [f32]) {
+    let rb = Q3Matrix::row_bytes(m.cols, m.group);
+    let ng = Q3Matrix::padded_cols(m.cols, m.group) / m.group;
+    let codes = &m.codes[r * rb..][..rb];
+    let scales = &m.scales[r * ng..][..ng];
+    let (real, pad) = out.split_at_mut(m.cols);
+    pad.fill(0.0);
+    for ((k, cols), run) in real
+        .chunks_mut(32)
+        .enumerate()
+        .zip(codes.chunks_exact(Q3_RUN_BYTES))
+    {
+        let plane = |b: usize| {
+            u32::from_le_bytes([run[4 * b], run[4 * b + 1], run[4 * b + 2], run[4 * b + 3]])
+        };
+        let (p0, p1, p2) = (plane(0), plane(1), plane(2));
+        // A group holds whole runs (32, 64 or 128 columns).
+        let scale = scales[32 * k / m.group].to_f32();
+        for (i, o) in cols.iter_mut().enumerate() {
+            let code = (p0 >> i & 1) | (p1 >> i & 1) << 1 | (p2 >> i & 1) << 2;
+            *o = scale * Q3_GRID.level(code as u8);
+        }
+    }
+}
+
 /// Row `r` of any tensor into `out` (`out.len() >= cols`), zero past `cols`.
 pub fn decode_row(w: &Tensor, r: usize, out: &mut [f32]) {
     let cols = w.shape()[1];
     match w {
         Tensor::Sparse(m) => decode_sparse_row(m, r, out),
         Tensor::Q4(m) => decode_q4_row(m, r, out),
-        Tensor::Q3(m) => {
-            m.decode_row(r, out);
-            out[cols..].fill(0.0);
-        }
+        Tensor::Q3(m) => decode_q3_row(m, r, out),
         Tensor::F32(m) => {
             out[..cols].copy_from_slice(&m.values[r * cols..][..cols]);
             out[cols..].fill(0.0);

@@ -39,7 +39,7 @@ pub struct GpuOptions {
     pub runtime_checks: bool,
     pub limits: LimitOverrides,
     /// Bench and test knob: override constants of the matrix-vector kernels (spmv.wgsl: SLICES,
-    /// TILE_BLOCKS, ROW_LANES, ...; gemv_q4.wgsl: QUADS) that replace the launcher's choice or add to
+    /// TILE_BLOCKS, ROW_LANES, ...; gemv_q4.wgsl: QUADS; gemv_q3.wgsl: ROWS, STAGE_X) that replace the launcher's choice or add to
     /// it, each in the kernels that declare it.
     pub overrides: Vec<(String, f64)>,
     /// Device memory to plan with instead of what the driver reports (`UPG_DEVICE_MEMORY_MIB`).

@@ -10,6 +10,8 @@ use super::transformer::word;
 
 /// Words of workgroup memory spmv needs besides the x tile (the per-slice partial sums).
 const SPMV_PARTIAL_BYTES: u32 = 4 * 32 * 32;
+/// Workgroup memory of gemv_q3 with its x staging (STAGE_X): the staged x and the team sums.
+const Q3_STAGE_BYTES: u32 = 288 * 16 + 256 * 4;
 
 /// spmv splits the rows of a tile over ROW_LANES = 2 workgroups up to this many tiles (6144 rows):
 /// 5120 rows (down_proj of Phi-4) are 160 tiles for the 132 SMs of an H100, too few workgroups of 512
@@ -189,9 +191,25 @@ impl Gpu {
                     ],
                     c.rows.div_ceil(Q4_WORKGROUP_ROWS),
                 ),
+                Layout::Q3 { group, .. } => {
+                    let rows = self.q3_rows();
+                    (
+                        Kernel::GemvQ3,
+                        vec![
+                            ("GROUP_RUNS", (group / 32) as f64),
+                            ("ROWS", rows as f64),
+                            ("RESIDUAL", mode),
+                            ("STAGE_X", self.q3_stage_x() as u32 as f64),
+                        ],
+                        c.rows.div_ceil(8 * rows),
+                    )
+                }
             };
-            if matches!(kernel, Kernel::Spmv | Kernel::GemvQ4) {
-                for (name, v) in self.overrides.iter().filter(|o| kernel.declares(&o.0)) {
+            // gemv_q3's ROWS was applied by `q3_rows`, which its workgroup count follows.
+            if matches!(kernel, Kernel::Spmv | Kernel::GemvQ4 | Kernel::GemvQ3) {
+                for (name, v) in self.overrides.iter().filter(|o| {
+                    kernel.declares(&o.0) && !(kernel == Kernel::GemvQ3 && o.0 == "ROWS")
+                }) {
                     match constants.iter_mut().find(|c| c.0 == name) {
                         Some(c) => c.1 = *v,
                         None => constants.push((name, *v)),
@@ -232,6 +250,22 @@ impl Gpu {
             pass.dispatch_workgroups(gx, gy, 1);
         }
         Ok(())
+    }
+
+    /// Rows per team of gemv_q3: 4, so that each x load serves 4 rows (on an H100 at the Phi-4 shapes
+    /// 4 beat 2 and 1 everywhere, by 1.06-1.6x and 1.4-3x; BENCHMARKS.md); a `ROWS` override (bench)
+    /// of 1 or 2 wins.
+    pub(crate) fn q3_rows(&self) -> usize {
+        match self.overrides.iter().find(|(n, _)| n == "ROWS") {
+            Some((_, v)) if *v == 1.0 => 1,
+            Some((_, v)) if *v == 2.0 => 2,
+            _ => 4,
+        }
+    }
+
+    /// Whether gemv_q3 stages x in workgroup memory: where the (possibly lowered) limit holds it.
+    fn q3_stage_x(&self) -> bool {
+        self.limits().max_workgroup_storage_bytes >= Q3_STAGE_BYTES
     }
 
     /// Slices per row tile and x-tile width (in blocks) for spmv: 16 slices (512 threads) where the

@@ -5,15 +5,18 @@
 //! a lane reads 16 bytes at a time. The sparse codec is re-laid out at upload (see spmv.wgsl for the
 //! layout and why): rows in tiles of 32 interleaved block by block, each block mask rotated so that its
 //! two 32-bit halves keep 16 weights each, codes in the order the kernel walks them, one rotation byte
-//! per block. That is 26 bytes per 64 weights instead of the file's 25.
+//! per block. That is 26 bytes per 64 weights instead of the file's 25. The q3 codec's bit planes are
+//! re-laid out too, at the same size (see gemv_q3.wgsl and [`q3_run_words`]): whole codes in a word, so
+//! that a weight decodes with one mask instead of three bit extractions.
 
 use half::f16;
 use rayon::prelude::*;
 
 use super::context::Gpu;
 use super::error::{GpuError, Result};
+use crate::format::dense::Q3_RUN_BYTES;
 use crate::format::sparse::{nibble, BLOCK, BLOCK_CODE_BYTES, KEEP};
-use crate::format::{sparse, Codec, MatrixSpec, Q4Matrix, SparseMatrix, Tensor};
+use crate::format::{sparse, Codec, MatrixSpec, Q3Matrix, Q4Matrix, SparseMatrix, Tensor};
 
 /// Rows per tile of the sparse GPU layout (a warp's worth of rows at one block).
 pub(crate) const TILE_ROWS: usize = 32;
@@ -42,6 +45,13 @@ pub(crate) enum Layout {
     Q4 {
         group: usize,
         /// vec4<u32> (32 columns) per row.
+        n32: usize,
+        /// u32 scale words (f16 pairs) per row.
+        ns2: usize,
+    },
+    Q3 {
+        group: usize,
+        /// Runs of 32 columns per row on the device: ceil(cols / 32), padding runs dropped.
         n32: usize,
         /// u32 scale words (f16 pairs) per row.
         ns2: usize,
@@ -198,6 +208,25 @@ pub(crate) fn sparse_planes(m: &SparseMatrix, row0: usize, rows: usize) -> Resul
     Ok(p)
 }
 
+/// One 32-column run of q3 codes, the file's three bit planes (word b = bit b of every code), as the
+/// three words gemv_q3.wgsl and embed.wgsl read.
+pub(crate) fn q3_run_words(run: &[u8]) -> [u32; 3] {
+    let plane =
+        |b: usize| u32::from_le_bytes([run[4 * b], run[4 * b + 1], run[4 * b + 2], run[4 * b + 3]]);
+    let planes = [plane(0), plane(1), plane(2)];
+    let code = |i: usize| (0..3).fold(0, |c, b| c | ((planes[b] >> i) & 1) << b);
+    let mut words = [0u32; 3];
+    for (t, word) in words.iter_mut().enumerate() {
+        // Column 10 t + j at bits 1 + 3 j.
+        for j in 0..10 {
+            *word |= code(10 * t + j) << (1 + 3 * j);
+        }
+        // Bit t of columns 30 and 31 is bit 30 and 31 of plane t.
+        *word |= (planes[t] >> 30) & 1 | (planes[t] >> 31) << 31;
+    }
+    words
+}
+
 /// Row counts of the chunks when a row costs `row_bytes` in the largest plane and chunks must hold a
 /// multiple of `multiple` rows.
 fn plan(gpu: &Gpu, rows: usize, row_bytes: usize, multiple: usize) -> Result<Vec<(usize, usize)>> {
@@ -236,9 +265,12 @@ impl Gpu {
         let mut total = 0;
         match spec.codec {
             Codec::Q3 => {
-                return Err(GpuError::Layout(
-                    "the q3 codec is not supported on the GPU yet: use q4, sparse or f16 there, or run on the CPU".into(),
-                ))
+                let padded = Q3Matrix::padded_cols(cols, group.max(1));
+                let ng = padded / group.max(1);
+                let (n32, ns2) = (cols.div_ceil(32), ng.div_ceil(2));
+                for (_, n) in plan(self, rows, (3 * n32 * 4).max(ns2 * 4), 1)? {
+                    total += (n * 3 * n32 * 4).max(4) as u64 + (n * ns2 * 4).max(4) as u64;
+                }
             }
             Codec::Sparse => {
                 let nb = sparse::blocks_per_row(cols);
@@ -280,10 +312,78 @@ impl Gpu {
         let [rows, cols] = w.shape();
         let storage = wgpu::BufferUsages::STORAGE;
         let (layout, chunks) = match w {
-            Tensor::Q3(_) => {
-                return Err(GpuError::Layout(
-                    "the q3 codec is not supported on the GPU yet: use q4, sparse or f16 there, or run on the CPU".into(),
-                ))
+            Tensor::Q3(q) => {
+                let padded = Q3Matrix::padded_cols(cols, q.group);
+                let (file_row, ng) = (Q3Matrix::row_bytes(cols, q.group), padded / q.group);
+                let (n32, ns2) = (cols.div_ceil(32), ng.div_ceil(2));
+                let mut chunks = Vec::new();
+                for (row0, n) in plan(self, rows, (3 * n32 * 4).max(ns2 * 4), 1)? {
+                    let codes = self.buffer_filled(
+                        "q3 codes",
+                        (n * 3 * n32 * 4).max(4) as u64,
+                        storage,
+                        |dst| {
+                            let dst: &mut [u32] = bytemuck::cast_slice_mut(dst);
+                            if n32 == 0 {
+                                return;
+                            }
+                            dst.par_chunks_mut(3 * n32)
+                                .take(n)
+                                .enumerate()
+                                .for_each(|(r, out)| {
+                                    let src = &q.codes[(row0 + r) * file_row..][..file_row];
+                                    for (k, run) in
+                                        src.chunks_exact(Q3_RUN_BYTES).take(n32).enumerate()
+                                    {
+                                        for (t, w) in q3_run_words(run).into_iter().enumerate() {
+                                            out[t * n32 + k] = w;
+                                        }
+                                    }
+                                });
+                        },
+                    )?;
+                    let scales = self.buffer_filled(
+                        "q3 scales",
+                        (n * ns2 * 4).max(4) as u64,
+                        storage,
+                        |dst| {
+                            let dst: &mut [u16] = bytemuck::cast_slice_mut(dst);
+                            for r in 0..n {
+                                for (o, s) in dst[r * 2 * ns2..][..ng]
+                                    .iter_mut()
+                                    .zip(&q.scales[(row0 + r) * ng..][..ng])
+                                {
+                                    *o = s.to_bits();
+                                }
+                            }
+                        },
+                    )?;
+                    let groups = n.div_ceil(8 * self.q3_rows()) as u32;
+                    let params = self.uniform(&[
+                        n as u32,
+                        n32 as u32,
+                        ns2 as u32,
+                        row0 as u32,
+                        groups,
+                        0,
+                        0,
+                        0,
+                    ])?;
+                    chunks.push(Chunk {
+                        row0,
+                        rows: n,
+                        planes: vec![codes, scales],
+                        params,
+                    });
+                }
+                (
+                    Layout::Q3 {
+                        group: q.group,
+                        n32,
+                        ns2,
+                    },
+                    chunks,
+                )
             }
             Tensor::Sparse(m) => {
                 let (nb, ng) = (m.blocks_per_row(), m.groups_per_row());

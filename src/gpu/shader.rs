@@ -16,6 +16,7 @@ pub enum Kernel {
     GemvF16,
     GemvF32,
     GemvQ4,
+    GemvQ3,
     Rmsnorm,
     Rope,
     RopeKv,
@@ -70,13 +71,14 @@ impl Variant {
 use Binding::{Read, ReadWrite, Uniform};
 
 impl Kernel {
-    pub const ALL: [Kernel; 18] = [
+    pub const ALL: [Kernel; 19] = [
         Kernel::Copy,
         Kernel::Spmv,
         Kernel::Decompress,
         Kernel::GemvF16,
         Kernel::GemvF32,
         Kernel::GemvQ4,
+        Kernel::GemvQ3,
         Kernel::Rmsnorm,
         Kernel::Rope,
         Kernel::RopeKv,
@@ -97,7 +99,7 @@ impl Kernel {
     pub fn loops_end(self) -> bool {
         matches!(
             self,
-            Kernel::Spmv | Kernel::Decompress | Kernel::GemvQ4 | Kernel::Spmm
+            Kernel::Spmv | Kernel::Decompress | Kernel::GemvQ4 | Kernel::GemvQ3 | Kernel::Spmm
         )
     }
 
@@ -119,6 +121,7 @@ impl Kernel {
             Kernel::GemvF16 => "gemv_f16.wgsl",
             Kernel::GemvF32 => "gemv_f32.wgsl",
             Kernel::GemvQ4 => "gemv_q4.wgsl",
+            Kernel::GemvQ3 => "gemv_q3.wgsl",
             Kernel::Rmsnorm => "rmsnorm.wgsl",
             Kernel::Rope => "rope.wgsl",
             Kernel::RopeKv => "rope_kv.wgsl",
@@ -143,6 +146,7 @@ impl Kernel {
             Kernel::GemvF16 => include_str!("../../wgsl/gemv_f16.wgsl"),
             Kernel::GemvF32 => include_str!("../../wgsl/gemv_f32.wgsl"),
             Kernel::GemvQ4 => include_str!("../../wgsl/gemv_q4.wgsl"),
+            Kernel::GemvQ3 => include_str!("../../wgsl/gemv_q3.wgsl"),
             Kernel::Rmsnorm => include_str!("../../wgsl/rmsnorm.wgsl"),
             Kernel::Rope => include_str!("../../wgsl/rope.wgsl"),
             Kernel::RopeKv => include_str!("../../wgsl/rope_kv.wgsl"),
@@ -165,7 +169,7 @@ impl Kernel {
             Kernel::Spmv => &[Uniform, Read, Read, Read, Read, Read, ReadWrite, Read, Read],
             Kernel::Decompress => &[Uniform, Read, Read, Read, Read, ReadWrite],
             Kernel::GemvF16 | Kernel::GemvF32 => &[Uniform, Read, Read, ReadWrite, Read],
-            Kernel::GemvQ4 => &[Uniform, Read, Read, Read, ReadWrite, Read],
+            Kernel::GemvQ4 | Kernel::GemvQ3 => &[Uniform, Read, Read, Read, ReadWrite, Read],
             Kernel::Rmsnorm => &[Uniform, Read, Read, ReadWrite],
             Kernel::Rope => &[Uniform, ReadWrite, Read, Read, Read],
             Kernel::RopeKv => &[Uniform, ReadWrite, Read, Read, ReadWrite, ReadWrite, Read],

@@ -82,6 +82,11 @@ impl Gpu {
             Layout::F32 { stride } => (1.0, stride, 0, ("GROUP_CHUNKS", 1)),
             Layout::F16 { stride } => (2.0, stride, 0, ("GROUP_CHUNKS", 1)),
             Layout::Q4 { group, n32, ns2 } => (3.0, n32, ns2, ("GROUP_CHUNKS", group / 32)),
+            Layout::Q3 { .. } => {
+                return Err(GpuError::Layout(
+                    "no batched product for q3 matrices yet: feed one position at a time".into(),
+                ))
+            }
         };
         let constants = [
             ("CODEC", codec),

@@ -487,16 +487,17 @@ impl Gpu {
         out_offset: usize,
     ) -> Result<()> {
         let cols = word(table.cols)?;
-        let (codec, stride, scale_words, group) = match table.layout {
-            Layout::F32 { stride } => (0, stride, 0, 1),
-            Layout::F16 { stride } => (1, stride, 0, 1),
-            Layout::Q4 { group, n32, ns2 } => (2, n32 * 4, ns2, group),
-            Layout::Sparse { .. } => {
-                return Err(GpuError::Shape(
-                    "an embedding table in the sparse codec: convert it with q4, f16 or f32".into(),
-                ))
-            }
-        };
+        let (codec, stride, scale_words, group) =
+            match table.layout {
+                Layout::F32 { stride } => (0, stride, 0, 1),
+                Layout::F16 { stride } => (1, stride, 0, 1),
+                Layout::Q4 { group, n32, ns2 } => (2, n32 * 4, ns2, group),
+                Layout::Q3 { group, n32, ns2 } => (3, n32 * 3, ns2, group),
+                Layout::Sparse { .. } => return Err(GpuError::Shape(
+                    "an embedding table in the sparse codec: convert it with q3, q4, f16 or f32"
+                        .into(),
+                )),
+            };
         let scales = chunk.planes.get(1).unwrap_or(&self.dummy);
         let p = [
             word(local)?,

@@ -107,14 +107,15 @@ pub trait Backend {
     }
 
     /// Refuses, before anything is uploaded, a model that the device cannot hold: `weights` with a
-    /// KV cache of `ctx` positions and activations for `rows` positions. Host memory is not checked
-    /// (the CPU backend's allocations fail with an error of their own).
+    /// KV cache of `ctx` positions and activations for up to `batch` positions a pass (fewer where
+    /// [`Self::max_batch`] will be lower for these weights). Host memory is not checked (the CPU
+    /// backend's allocations fail with an error of their own).
     fn check_fit(
         &self,
         _config: &Config,
         _weights: &HostWeights,
         _ctx: usize,
-        _rows: usize,
+        _batch: usize,
     ) -> Result<()> {
         Ok(())
     }

@@ -6,6 +6,10 @@
 //! linear layers see there (qkv and gate_up: the RMS-normed hidden state; o_proj: the attention output;
 //! down: SiLU(gate) * up). The fused ops (`matmul_norm`, `matmul_swiglu_add`) keep the trait's
 //! composed defaults here, so their products' inputs are recorded normed and SiLU'd like the rest.
+//!
+//! On request it also keeps a sample of whole input rows per linear layer, spread evenly over the
+//! calibration positions: the X of the output error ||(W - W') X|| that the codec choice measures
+//! ([`super::codec_choice`]).
 
 use std::collections::HashMap;
 
@@ -25,15 +29,33 @@ pub struct ActivationNorms {
     pub norms: HashMap<String, Vec<f32>>,
     /// Positions the norms were summed over.
     pub positions: usize,
+    /// Per linear layer, sampled input rows, row-major [samples, cols] (empty unless asked for).
+    pub inputs: HashMap<String, Vec<f32>>,
 }
 
 impl ActivationNorms {
     /// Runs the checkpoint's exact (f32) model over `tokens` in consecutive windows of `ctx`, each from
     /// position 0, and returns the input norms of every linear layer over all those positions.
     pub fn collect(ckpt: &Checkpoint, tokens: &[u32], ctx: usize) -> Result<Self> {
+        Self::collect_sampled(ckpt, tokens, ctx, 0)
+    }
+
+    /// [`Self::collect`], also keeping up to `samples` input rows of every linear layer: the
+    /// positions `0, s, 2s, ...` of the run, `s = max(1, tokens / samples)`.
+    pub fn collect_sampled(
+        ckpt: &Checkpoint,
+        tokens: &[u32],
+        ctx: usize,
+        samples: usize,
+    ) -> Result<Self> {
         let weights = HostWeights::from_checkpoint(ckpt, &CodecPlan::exact())?;
         let c = &ckpt.config;
-        let mut model = Phi3::with_batch(c.clone(), weights, Recorder::default(), ctx, ctx)?;
+        let recorder = Recorder {
+            samples,
+            stride: (tokens.len() / samples.max(1)).max(1),
+            ..Recorder::default()
+        };
+        let mut model = Phi3::with_batch(c.clone(), weights, recorder, ctx, ctx)?;
         // Windows as in evaluation, every token fed (only the last position's logits are computed).
         for window in tokens.chunks(ctx.max(1)) {
             model.reset();
@@ -52,23 +74,35 @@ impl ActivationNorms {
             |_, _| Ok(()),
         )?;
         let layer_order = c.num_hidden_layers * 4;
-        let mut norms = HashMap::new();
+        let (mut norms, mut inputs) = (HashMap::new(), HashMap::new());
         let linear = names.iter().filter(|(_, r)| *r == Role::Linear);
-        for ((name, _), sums) in linear.zip(&rec.sums[..layer_order]) {
+        for (i, (name, _)) in linear.enumerate().take(layer_order) {
             norms.insert(
                 name.clone(),
-                sums.iter().map(|&s| s.sqrt() as f32).collect(),
+                rec.sums[i].iter().map(|&s| s.sqrt() as f32).collect(),
             );
+            if samples > 0 {
+                inputs.insert(name.clone(), rec.kept[i].clone());
+            }
         }
         Ok(Self {
             norms,
             positions: rec.positions,
+            inputs,
         })
     }
 
     /// The norms of the matrix `name`, if it is a recorded linear layer.
     pub fn get(&self, name: &str) -> Option<&[f32]> {
         self.norms.get(name).map(Vec::as_slice)
+    }
+
+    /// The sampled input rows of the matrix `name` ([`Self::collect_sampled`]), row-major.
+    pub fn inputs(&self, name: &str) -> Option<&[f32]> {
+        self.inputs
+            .get(name)
+            .map(Vec::as_slice)
+            .filter(|v| !v.is_empty())
     }
 }
 
@@ -86,6 +120,12 @@ pub struct Recorder {
     sums: Vec<Vec<f64>>,
     /// Positions seen by the first matrix (every linear layer sees each position once).
     positions: usize,
+    /// Input rows to keep per matrix, and every how many positions.
+    samples: usize,
+    stride: usize,
+    /// Per matrix: positions seen, and the input rows kept (row-major).
+    seen: Vec<usize>,
+    kept: Vec<Vec<f32>>,
 }
 
 impl Recorder {
@@ -102,6 +142,14 @@ impl Recorder {
         if w.id == 0 {
             self.positions += n;
         }
+        for row in x[..n * cols].chunks(cols) {
+            let pos = self.seen[w.id];
+            self.seen[w.id] += 1;
+            if pos.is_multiple_of(self.stride.max(1)) && self.kept[w.id].len() < self.samples * cols
+            {
+                self.kept[w.id].extend_from_slice(row);
+            }
+        }
     }
 }
 
@@ -115,6 +163,8 @@ impl Backend for Recorder {
 
     fn matrix(&mut self, host: Tensor) -> Result<Recorded> {
         self.sums.push(vec![0.0; host.shape()[1]]);
+        self.seen.push(0);
+        self.kept.push(Vec::new());
         Ok(Recorded {
             id: self.sums.len() - 1,
             tensor: host,

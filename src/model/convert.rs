@@ -8,14 +8,16 @@
 //! leaves a half-written file: the writer renames its temporary file only when every tensor is in.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::path::Path;
 
 use super::calibration::ActivationNorms;
 use super::checkpoint::Checkpoint;
+use super::codec_choice::{choose_for, Candidate, TensorChoice};
 use super::config::Config;
 use super::error::{ModelError, Result, TokenizerError};
 use super::tokenizer::TokenizerFiles;
-use super::weights::{encode_from_checkpoint, CodecPlan, HostWeights, MatrixName, Weights};
+use super::weights::{encode_from_checkpoint, CodecPlan, HostWeights, MatrixName, Role, Weights};
 use crate::format::file::{MatrixSpec, Plan, UpgFile, UpgWriter};
 use crate::format::{Codec, Q3Matrix, Tensor};
 
@@ -81,9 +83,97 @@ pub fn convert_calibrated(
     out: &Path,
     plan: &CodecPlan,
     norms: Option<&ActivationNorms>,
-    mut progress: impl FnMut(Progress),
+    progress: impl FnMut(Progress),
 ) -> Result<Converted> {
     let ckpt = Checkpoint::open(dir)?;
+    write(
+        &ckpt,
+        dir,
+        out,
+        plan,
+        norms,
+        &HashMap::new(),
+        None,
+        progress,
+    )
+}
+
+/// Codecs chosen per matrix by measured error (see [`super::codec_choice`]).
+#[derive(Clone, Debug)]
+pub struct Budget {
+    /// All-in bits per parameter that no chosen matrix may exceed.
+    pub bits: f64,
+    /// The roles whose matrices are chosen; the others take the plan's codec.
+    pub roles: Vec<Role>,
+}
+
+/// [`convert_calibrated`], every matrix of `budget.roles` in the candidate codec of lowest measured
+/// error within `budget.bits` (output error on `calib`'s sampled inputs where it has them, see
+/// [`ActivationNorms::collect_sampled`]; weight error otherwise). `report` sees each choice as it is
+/// made, before anything is written; the choices are returned with what was written.
+pub fn convert_budget(
+    dir: &Path,
+    out: &Path,
+    plan: &CodecPlan,
+    budget: &Budget,
+    calib: Option<&ActivationNorms>,
+    mut report: impl FnMut(&TensorChoice),
+    progress: impl FnMut(Progress),
+) -> Result<(Converted, Vec<TensorChoice>)> {
+    if budget.bits.is_nan() || budget.bits <= 0.0 {
+        return Err(ModelError::Choice(format!(
+            "a budget of {} bits per parameter: give a positive number such as 3.2",
+            budget.bits
+        )));
+    }
+    let ckpt = Checkpoint::open(dir)?;
+    let mut choices = Vec::new();
+    Weights::<(), ()>::build(
+        &ckpt.config,
+        |m| {
+            if budget.roles.contains(&m.role) {
+                let view = ckpt.matrix(m.name, m.rows, m.cols)?;
+                let choice = choose_for(&m, &view.dense(), budget.bits, calib)?;
+                report(&choice);
+                choices.push(choice);
+            }
+            Ok::<(), ModelError>(())
+        },
+        |_, _| Ok(()),
+    )?;
+    let chosen: HashMap<String, Candidate> = choices
+        .iter()
+        .map(|c| (c.name.clone(), c.chosen().candidate))
+        .collect();
+    let converted = write(
+        &ckpt,
+        dir,
+        out,
+        plan,
+        calib,
+        &chosen,
+        Some(budget.bits),
+        progress,
+    )?;
+    Ok((converted, choices))
+}
+
+/// Writes the .upg file: matrices named in `chosen` in that candidate, the others per `plan`.
+#[allow(clippy::too_many_arguments)]
+fn write(
+    ckpt: &Checkpoint,
+    dir: &Path,
+    out: &Path,
+    plan: &CodecPlan,
+    norms: Option<&ActivationNorms>,
+    chosen: &HashMap<String, Candidate>,
+    bits: Option<f64>,
+    mut progress: impl FnMut(Progress),
+) -> Result<Converted> {
+    let spec = |m: &MatrixName| match chosen.get(m.name) {
+        Some(c) => c.spec(m.rows, m.cols),
+        None => spec(m, plan),
+    };
     let config_path = dir.join("config.json");
     let config_text =
         std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
@@ -101,7 +191,7 @@ pub fn convert_calibrated(
         &ckpt.config,
         |m| {
             total.set(total.get() + m.rows * m.cols);
-            layout.borrow_mut().matrix(m.name, spec(&m, plan));
+            layout.borrow_mut().matrix(m.name, spec(&m));
             Ok::<(), ModelError>(())
         },
         |name, len| {
@@ -117,17 +207,21 @@ pub fn convert_calibrated(
         }
     }
     layout.metadata(CONFIG_KEY, config_text);
-    layout.metadata(
-        CODECS_KEY,
-        format!(
-            "linear={} embed={} lm_head={} sparse_group={} q4_group={}",
-            plan.linear.name(),
-            plan.embed.name(),
-            plan.lm_head.name(),
-            plan.sparse_group,
-            plan.q4_group
-        ),
+    let mut codecs = format!(
+        "linear={} embed={} lm_head={} sparse_group={} q4_group={}",
+        plan.linear.name(),
+        plan.embed.name(),
+        plan.lm_head.name(),
+        plan.sparse_group,
+        plan.q4_group
     );
+    if let Some(b) = bits {
+        codecs.push_str(&format!(
+            " chosen_per_tensor_at_bits={b} ({} tensors)",
+            chosen.len()
+        ));
+    }
+    layout.metadata(CODECS_KEY, codecs);
 
     // Then the tensors, one at a time.
     let writer = RefCell::new(UpgWriter::create(out, &layout)?);
@@ -136,7 +230,18 @@ pub fn convert_calibrated(
     Weights::<(), ()>::build(
         &ckpt.config,
         |m| {
-            let t = encode_from_checkpoint(&ckpt, m, plan, norms.and_then(|n| n.get(m.name)))?;
+            let norms = norms.and_then(|n| n.get(m.name));
+            let t = match chosen.get(m.name) {
+                Some(c) => {
+                    let view = ckpt.matrix(m.name, m.rows, m.cols)?;
+                    c.encode(&view.dense(), norms)
+                        .map_err(|source| ModelError::Encode {
+                            tensor: m.name.into(),
+                            source,
+                        })?
+                }
+                None => encode_from_checkpoint(ckpt, m, plan, norms)?,
+            };
             writer.borrow_mut().put_matrix(m.name, &t)?;
             matrices.push((m.name.to_string(), t.codec(), t.shape(), t.bits_per_param()));
             done.set(done.get() + m.rows * m.cols);

@@ -23,6 +23,8 @@ pub struct GpuBackend {
     gpu: Gpu,
     /// KV cache as f16 pairs (half the memory and traffic) or f32 (the exact path).
     kv_f16: bool,
+    /// Whether a q3 matrix was uploaded (no batched product for q3: see `max_batch`).
+    q3_weights: bool,
     recording: Option<Recording>,
     error: Option<GpuError>,
     /// The greedy token id, written by argmax.wgsl.
@@ -71,6 +73,7 @@ impl GpuBackend {
         Ok(Self {
             gpu,
             kv_f16,
+            q3_weights: false,
             recording: None,
             error: None,
             token,
@@ -93,6 +96,16 @@ impl GpuBackend {
 
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+
+    /// Positions one pass may take with or without q3 matrices: batches go through spmm.wgsl, where
+    /// the device has its workgroup memory and the codecs have a decoder there (q3 has none).
+    fn batch_limit(&self, q3: bool) -> usize {
+        if self.gpu.has_batched_product() && !q3 {
+            MAX_BATCH
+        } else {
+            1
+        }
     }
 
     /// Bytes of the device buffers this backend made (weights, activations, caches).
@@ -263,8 +276,17 @@ impl GpuBackend {
 }
 
 /// The profile's name of a product: codec and shape (the shape tells Phi-4's projections apart).
-fn product_label(what: &str, w: &GpuMatrix) -> String {
-    format!("{what} {:?} {}x{}", w.codec, w.rows, w.cols)
+fn product_label(what: &str, w: &GpuMatrix, n: usize) -> String {
+    batch_label(&format!("{what} {:?} {}x{}", w.codec, w.rows, w.cols), n)
+}
+
+/// A batch (prefill) says its size, so that its rows stay apart from decode's in the profile.
+fn batch_label(what: &str, n: usize) -> String {
+    if n == 1 {
+        what.to_string()
+    } else {
+        format!("{what} (batch of {n})")
+    }
 }
 
 /// y = W x for n rows (y += W x with `add`): one vector through the decode kernels, a batch through
@@ -304,6 +326,8 @@ impl Backend for GpuBackend {
     }
 
     fn matrix(&mut self, host: Tensor) -> Result<GpuMatrix> {
+        // spmm.wgsl has no q3 decoder: a model with q3 matrices feeds one position a pass.
+        self.q3_weights |= host.codec() == crate::format::Codec::Q3;
         let m = self.gpu.upload(&host)?;
         self.device_bytes += m.device_bytes();
         Ok(m)
@@ -352,19 +376,17 @@ impl Backend for GpuBackend {
         config: &super::Config,
         weights: &super::HostWeights,
         ctx: usize,
-        rows: usize,
+        batch: usize,
     ) -> Result<()> {
+        let q3 =
+            super::device_fit::matrices(weights).any(|m| m.codec() == crate::format::Codec::Q3);
+        let rows = ctx.min(batch).min(self.batch_limit(self.q3_weights || q3));
         super::device_fit::Footprint::of(&self.gpu, config, weights, ctx, rows, self.kv_f16)?
             .check(&self.gpu, ctx)
     }
 
     fn max_batch(&self) -> usize {
-        // Batches go through spmm.wgsl where the device has its workgroup memory.
-        if self.gpu.has_batched_product() {
-            MAX_BATCH
-        } else {
-            1
-        }
+        self.batch_limit(self.q3_weights)
     }
 
     fn prefill_batch(&self) -> usize {
@@ -386,14 +408,14 @@ impl Backend for GpuBackend {
 
     fn matmul(&mut self, w: &GpuMatrix, x: &GpuVector, y: &mut GpuVector, n: usize) {
         self.record(
-            || product_label("matmul", w),
+            || product_label("matmul", w, n),
             |gpu, pass| product(gpu, pass, w, x, y, n, false),
         );
     }
 
     fn matmul_add(&mut self, w: &GpuMatrix, x: &GpuVector, y: &mut GpuVector, n: usize) {
         self.record(
-            || product_label("matmul+add", w),
+            || product_label("matmul+add", w, n),
             |gpu, pass| product(gpu, pass, w, x, y, n, true),
         );
     }
@@ -408,7 +430,7 @@ impl Backend for GpuBackend {
         width: usize,
     ) {
         self.record(
-            || "rmsnorm".into(),
+            || batch_label("rmsnorm", n),
             |gpu, pass| {
                 gpu.rmsnorm(
                     pass,
@@ -489,7 +511,7 @@ impl Backend for GpuBackend {
         }
         let step = self.step.clone();
         self.record(
-            || "attention".into(),
+            || batch_label("attention", n),
             |gpu, pass| {
                 gpu.attention(
                     pass,
@@ -522,7 +544,7 @@ impl Backend for GpuBackend {
             return self.matmul(w, normed, y, n);
         }
         self.record(
-            || product_label("norm+matmul", w),
+            || product_label("norm+matmul", w, 1),
             |gpu, pass| {
                 let prologue = Prologue::Norm { weight, eps };
                 let (x, y) = (view(x, w.cols), view(y, w.rows));
@@ -545,7 +567,7 @@ impl Backend for GpuBackend {
             return self.matmul_add(w, mlp, y, n);
         }
         self.record(
-            || product_label("swiglu+matmul+add", w),
+            || product_label("swiglu+matmul+add", w, 1),
             |gpu, pass| {
                 let (x, y) = (view(gate_up, 2 * w.cols), view(y, w.rows));
                 gpu.matvec_fused(pass, w, &x, &y, Some(&y), Prologue::SwiGlu)

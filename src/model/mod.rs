@@ -16,6 +16,7 @@
 pub mod backend;
 pub mod calibration;
 pub mod checkpoint;
+pub mod codec_choice;
 pub mod config;
 pub mod convert;
 pub mod cpu_backend;
