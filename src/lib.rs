@@ -7,10 +7,18 @@
 //! - [`model`]: the Phi-3 family driver.
 //! - [`device`]: y = W x on the GPU when there is one, else on the CPU.
 
-// Input and the device reach library code: errors, never panics (tests may unwrap).
+// Input and the device reach library code: errors, never panics (tests may unwrap). Fuzzing
+// (fuzz/, FUZZING.md) looks for the panics no lint sees: indexing, overflow, allocation.
 #![cfg_attr(
     not(test),
-    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::unreachable,
+        clippy::todo,
+        clippy::unimplemented
+    )
 )]
 
 pub mod cpu;

@@ -402,6 +402,39 @@ fn greedy_continuations_match_transformers() {
     assert_eq!(out.tokens, r["cross_greedy"].ids());
 }
 
+/// Sampling is a function of the seed: the same seed gives the same tokens again on one loaded model
+/// (after a reset) and on a freshly loaded one, and another seed other tokens. (The GPU's side is
+/// model_gpu.rs `gpu_sampling_with_a_seed_repeats`; greedy GPU against CPU is
+/// `gpu_greedy_tokens_equal_cpu_and_transformers` there.)
+#[test]
+fn sampling_with_a_seed_repeats_on_the_cpu() {
+    let seed = upg::rng::test_seed("sampling_with_a_seed_repeats_on_the_cpu");
+    let prompt = reference(&fixture("phi3-tiny"))["tokens"].ids();
+    let run = |model: &mut Phi3<Cpu>, seed: u64| {
+        model.reset();
+        let mut sampler = Sampler::new(upg::model::SamplerConfig {
+            temperature: 1.5,
+            top_k: 0,
+            top_p: 1.0,
+            repeat_penalty: 1.1,
+            seed,
+        })
+        .unwrap();
+        model
+            .generate(&prompt, 24, &mut sampler, &[], |_| {})
+            .unwrap()
+            .tokens
+    };
+    let mut model = load("phi3-tiny", &CodecPlan::compressed(), 64);
+    let first = run(&mut model, seed);
+    assert_eq!(run(&mut model, seed), first, "same model, same seed");
+    let mut fresh = load("phi3-tiny", &CodecPlan::compressed(), 64);
+    assert_eq!(run(&mut fresh, seed), first, "fresh model, same seed");
+    let other = run(&mut model, seed.wrapping_add(1));
+    println!("seed {seed}: {first:?}\nseed + 1: {other:?}");
+    assert_ne!(other, first, "another seed gave the same 24 sampled tokens");
+}
+
 #[test]
 fn compressed_path_divergence() {
     let r = reference(&fixture("phi3-tiny"));

@@ -138,15 +138,19 @@ impl Simd {
     /// ever run on CPUs that have their features.
     fn kernels(self) -> Result<&'static Kernels> {
         self.check()?;
-        Ok(match self {
-            Simd::Scalar => &SCALAR,
+        match self {
+            Simd::Scalar => Ok(&SCALAR),
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2 => &AVX2,
+            Simd::Avx2 => Ok(&AVX2),
             #[cfg(target_arch = "aarch64")]
-            Simd::Neon => &NEON,
+            Simd::Neon => Ok(&NEON),
+            // check() refuses a path this build lacks.
             #[allow(unreachable_patterns)]
-            _ => unreachable!("check() refused a path this build lacks"),
-        })
+            other => Err(CpuError::Unavailable {
+                wanted: other.name(),
+                available: Simd::Scalar.name().into(),
+            }),
+        }
     }
 }
 

@@ -42,7 +42,7 @@ pub enum FormatError {
     #[error("{path}: not a readable .upg file: {reason}")]
     Header { path: PathBuf, reason: String },
 
-    #[error("{path}: format version {found} is not supported (this build reads version {supported}); convert the model again with this version of upg")]
+    #[error("{path}: format version {found} is not supported (this build reads versions 1 to {supported}); convert the model again with this version of upg")]
     Version {
         path: PathBuf,
         found: String,

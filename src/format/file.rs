@@ -12,7 +12,12 @@
 //!
 //! safetensors' `__metadata__` string map holds `upg.format_version` = "1", one
 //! `upg.tensor.NAME` = `{"codec":"sparse50_q4","shape":[rows,cols],"group":128}` per matrix (no `group`
-//! for f32 and f16), and the caller's own keys (such as `upg.config`).
+//! for f32 and f16), `upg.checksums` = `{"NAME.masks":"1c291ca3",...,"__metadata__":"..."}` (the CRC-32
+//! of every container tensor and of the header, so that a damaged copy is refused instead of giving
+//! wrong weights: every single-bit error is caught), and the caller's own keys (such as `upg.config`).
+//! The checksums are known only once the data is written: the header is laid out with zeros in their
+//! place and rewritten, at the same length, by [`UpgWriter::finish`]. Version 1 files (before the
+//! checksums) are still read.
 //!
 //! safetensors stores tensors back to back with no gaps, so alignment comes from the order: planes with
 //! 8-byte elements first, then 4, 2 and 1, and the JSON header padded with spaces so the data section
@@ -51,12 +56,19 @@ compile_error!(
     "the .upg file is little-endian and upg maps it in place: big-endian hosts are not supported"
 );
 
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes. It reads it and version 1, which had no checksums.
+pub const FORMAT_VERSION: u32 = 2;
 /// Metadata key of the format version.
 pub const VERSION_KEY: &str = "upg.format_version";
 /// Metadata key prefix of each matrix's description: `upg.tensor.NAME`.
 pub const MATRIX_KEY_PREFIX: &str = "upg.tensor.";
+/// Metadata key of the CRC-32s (IEEE, as zlib's `crc32`) of the file: a JSON object of 8 lowercase hex
+/// digits by container tensor name, and under `__metadata__` (a name no tensor can have) the CRC-32 of
+/// the JSON header as written with every digit of this object's values a 0. Version 2 files always
+/// have it; version 1 files never do.
+pub const CHECKSUMS_KEY: &str = "upg.checksums";
+/// The name of the header's CRC-32 in the checksums.
+const HEADER_CHECKSUM: &str = "__metadata__";
 /// safetensors refuses longer headers (and so does Python's reader).
 const MAX_HEADER_BYTES: usize = 100_000_000;
 /// Bytes of the little-endian header length that starts every safetensors file.
@@ -224,6 +236,12 @@ fn json<T: Serialize + ?Sized>(v: &T) -> Result<String> {
         .map_err(|e| FormatError::Parameter(format!("cannot encode the header: {e}")))
 }
 
+/// The `upg.checksums` value: a JSON object of 8-digit hex CRC-32s by tensor name.
+fn checksums_json<'a>(crcs: impl Iterator<Item = (&'a str, u32)>) -> Result<String> {
+    let map: BTreeMap<&str, String> = crcs.map(|(n, c)| (n, format!("{c:08x}"))).collect();
+    json(&map)
+}
+
 fn dtype_bytes(d: Dtype) -> usize {
     d.bitsize().div_ceil(8)
 }
@@ -339,6 +357,8 @@ struct Slot {
     planned: Planned,
     /// Byte range of each plane inside the data section, in the order of [`MatrixSpec::planes`].
     ranges: Vec<(u64, usize)>,
+    /// Container tensor name and CRC-32 of each plane (the CRC once written), in the same order.
+    checksums: Vec<(String, u32)>,
     written: bool,
 }
 
@@ -351,6 +371,10 @@ pub struct UpgWriter {
     file: Option<File>,
     data_start: u64,
     slots: HashMap<String, Slot>,
+    /// Where the placeholder of the `upg.checksums` value (a JSON string) lies in the file.
+    checksums_at: (u64, usize),
+    /// CRC-32 of the header as laid out (checksums zero).
+    header_crc: u32,
     finished: bool,
 }
 
@@ -377,9 +401,9 @@ impl UpgWriter {
         let mut metadata = BTreeMap::new();
         metadata.insert(VERSION_KEY.to_string(), FORMAT_VERSION.to_string());
         for (k, v) in &plan.metadata {
-            if k == VERSION_KEY || k.starts_with(MATRIX_KEY_PREFIX) {
+            if k == VERSION_KEY || k == CHECKSUMS_KEY || k.starts_with(MATRIX_KEY_PREFIX) {
                 return Err(FormatError::Parameter(format!(
-                    "metadata key '{k}' is reserved for the format (upg.format_version, upg.tensor.*): choose another key"
+                    "metadata key '{k}' is reserved for the format (upg.format_version, upg.checksums, upg.tensor.*): choose another key"
                 )));
             }
             metadata.insert(k.clone(), v.clone());
@@ -437,10 +461,29 @@ impl UpgWriter {
                 .then_with(|| a.0.cmp(&b.0))
         });
 
+        // Zeros where the checksums go: finish() writes them over, at the same length.
+        let placeholder = checksums_json(
+            tensors
+                .iter()
+                .map(|t| (t.0.as_str(), 0))
+                .chain([(HEADER_CHECKSUM, 0)]),
+        )?;
+        metadata.insert(CHECKSUMS_KEY.to_string(), placeholder.clone());
         let too_large = || FormatError::Parameter("the planned file is too large".into());
         let mut header = String::from("{\"__metadata__\":");
         header += &json(&metadata)?;
+        // A key followed by `:"` is a metadata entry (a value holding it would have its quotes
+        // escaped), and keys are unique: the first match is the placeholder.
+        let needle = format!("{}:{}", json(CHECKSUMS_KEY)?, json(&placeholder)?);
+        let checksums_at = header
+            .find(&needle)
+            .map(|at| {
+                let value = at + json(CHECKSUMS_KEY).map_or(0, |k| k.len()) + 1;
+                ((LEN_BYTES + value) as u64, needle.len() - (value - at))
+            })
+            .ok_or_else(|| FormatError::Parameter("cannot place the checksums".into()))?;
         let mut ranges = vec![Vec::new(); plan.entries.len()];
+        let mut checksums = vec![Vec::new(); plan.entries.len()];
         let mut offset = 0usize;
         for (tensor, dtype, shape, bytes, index, p) in tensors {
             let end = offset.checked_add(bytes).ok_or_else(too_large)?;
@@ -458,6 +501,11 @@ impl UpgWriter {
                 r.resize(p + 1, (0, 0));
             }
             r[p] = (offset as u64, bytes);
+            let c: &mut Vec<(String, u32)> = &mut checksums[index];
+            if c.len() <= p {
+                c.resize(p + 1, (String::new(), 0));
+            }
+            c[p] = (tensor.clone(), 0);
             offset = end;
         }
         header.push('}');
@@ -470,6 +518,7 @@ impl UpgWriter {
                 header.len()
             )));
         }
+        let header_crc = crc32fast::hash(header.as_bytes());
         let data_start = (LEN_BYTES + header.len()) as u64;
         let total = data_start
             .checked_add(offset as u64)
@@ -487,16 +536,19 @@ impl UpgWriter {
             slots: plan
                 .entries
                 .iter()
-                .zip(ranges)
-                .map(|((name, planned), ranges)| {
+                .zip(ranges.into_iter().zip(checksums))
+                .map(|((name, planned), (ranges, checksums))| {
                     let slot = Slot {
                         planned: planned.clone(),
                         ranges,
+                        checksums,
                         written: false,
                     };
                     (name.clone(), slot)
                 })
                 .collect(),
+            checksums_at,
+            header_crc,
             finished: false,
         };
         // From here on, an error drops `w`, which deletes the partial file.
@@ -638,6 +690,9 @@ impl UpgWriter {
             self.write_at(self.data_start + offset, data)?;
         }
         if let Some(slot) = self.slots.get_mut(name) {
+            for ((_, crc), data) in slot.checksums.iter_mut().zip(planes) {
+                *crc = crc32fast::hash(data);
+            }
             slot.written = true;
         }
         Ok(())
@@ -668,6 +723,22 @@ impl UpgWriter {
                 names: format!("{names}{more}"),
             });
         }
+        let checksums = checksums_json(
+            self.slots
+                .values()
+                .flat_map(|s| &s.checksums)
+                .map(|(n, c)| (n.as_str(), *c))
+                .chain([(HEADER_CHECKSUM, self.header_crc)]),
+        )?;
+        let text = json(&checksums)?;
+        let (at, len) = self.checksums_at;
+        if text.len() != len {
+            return Err(FormatError::Parameter(format!(
+                "the checksums take {} bytes, {len} were laid out",
+                text.len()
+            )));
+        }
+        self.write_at(at, text.as_bytes())?;
         let partial = self.partial.clone();
         let file = self.file.take();
         if let Some(file) = file {
@@ -714,8 +785,9 @@ struct Stored {
 #[derive(Debug)]
 struct StoredMatrix {
     spec: MatrixSpec,
-    /// In the order of [`MatrixSpec::planes`].
+    /// In the order of [`MatrixSpec::planes`], with their field names.
     planes: Vec<Stored>,
+    fields: Vec<&'static str>,
 }
 
 /// A tensor's entry in the safetensors header.
@@ -896,23 +968,54 @@ impl UpgFile {
         // rewriting the file while it is open would change what we read (or fault); that is
         // documented on `UpgFile`, as for every memory-mapped model format.
         let map = unsafe { Mmap::map(&file) }.map_err(access(&path, "memory-map the file"))?;
+        Self::from_map(path, map)
+    }
+
+    /// A file held in memory (received over a network, or a fuzzer's input), validated exactly as
+    /// [`UpgFile::open`] validates a file on disk; `origin` names it in errors. The bytes are copied
+    /// into page-aligned anonymous memory, so planes are used in place as in a mapped file.
+    pub fn from_bytes(bytes: &[u8], origin: impl Into<PathBuf>) -> Result<Self> {
+        let path = origin.into();
+        let mut anon =
+            memmap2::MmapMut::map_anon(bytes.len()).map_err(access(&path, "allocate memory"))?;
+        anon.copy_from_slice(bytes);
+        let map = anon
+            .make_read_only()
+            .map_err(access(&path, "protect the copy"))?;
+        Self::from_map(path, map)
+    }
+
+    fn from_map(path: PathBuf, map: Mmap) -> Result<Self> {
         let (mut tensors, mut metadata) = parse_container(&path, &map)?;
 
-        match metadata.get(VERSION_KEY) {
-            None => {
+        let checksums = metadata.remove(CHECKSUMS_KEY);
+        match (metadata.get(VERSION_KEY).map(String::as_str), &checksums) {
+            (None, _) => {
                 return Err(FormatError::Header {
                     path,
                     reason: format!("no '{VERSION_KEY}' in the metadata: a safetensors file, but not a .upg file; convert the checkpoint with upg"),
                 })
             }
-            Some(v) if *v != FORMAT_VERSION.to_string() => {
+            (Some("2"), None) => {
+                return Err(FormatError::Header {
+                    path,
+                    reason: format!("no '{CHECKSUMS_KEY}' in the metadata, which every version 2 file has: the header is damaged; copy or convert the file again"),
+                })
+            }
+            (Some("1"), Some(_)) => {
+                return Err(FormatError::Header {
+                    path,
+                    reason: format!("'{CHECKSUMS_KEY}' in a version 1 file, which has none: the header is damaged; copy or convert the file again"),
+                })
+            }
+            (Some("1" | "2"), _) => {}
+            (Some(v), _) => {
                 return Err(FormatError::Version {
                     path,
-                    found: v.clone(),
+                    found: v.to_string(),
                     supported: FORMAT_VERSION,
                 })
             }
-            Some(_) => {}
         }
 
         let mut matrices = BTreeMap::new();
@@ -956,6 +1059,9 @@ impl UpgFile {
             blobs,
             metadata,
         };
+        if let Some(text) = checksums {
+            file.verify_checksums(&text)?;
+        }
         // Contents last, all matrices in parallel: the masks and scales of a large model are a lot
         // of pages to read. The first failing matrix in name order is reported.
         let failures: Vec<FormatError> = file
@@ -1012,6 +1118,7 @@ impl UpgFile {
         };
         let planes = spec.planes().map_err(|(f, reason)| err(f, reason))?;
         let mut stored = Vec::with_capacity(planes.len());
+        let fields = planes.iter().map(|p| p.field).collect();
         for p in planes {
             let tensor = format!("{name}.{}", p.field);
             let Some(t) = tensors.remove(&tensor) else {
@@ -1047,7 +1154,115 @@ impl UpgFile {
         Ok(StoredMatrix {
             spec,
             planes: stored,
+            fields,
         })
+    }
+
+    /// Checks the header and every tensor's bytes against the CRC-32s of `upg.checksums` (all in
+    /// parallel), and that the checksums name exactly the file's tensors. The first failure in name
+    /// order is reported.
+    fn verify_checksums(&self, text: &str) -> Result<()> {
+        let path = &self.path;
+        let damaged = |what: String| {
+            FormatError::Header {
+            path: path.clone(),
+            reason: format!("{what}: the header is damaged (or was rewritten by another tool); copy or convert the file again"),
+        }
+        };
+        let mut stored: BTreeMap<String, String> = serde_json::from_str(text).map_err(|e| {
+            damaged(format!(
+                "'{CHECKSUMS_KEY}' is not a map of tensor names to CRC-32s ({e})"
+            ))
+        })?;
+        let parse = |hex: &str| {
+            // Lowercase only: an upper-case digit would be a second spelling that a flipped bit
+            // (0x20) makes, and the header's checksum treats every digit as 0.
+            (hex.len() == 8 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+                .then(|| u32::from_str_radix(hex, 16).ok())
+                .flatten()
+        };
+        // The header as it was laid out: this value with zeros for digits, as `UpgWriter` wrote it.
+        let header_crc = stored
+            .remove(HEADER_CHECKSUM)
+            .and_then(|hex| parse(&hex))
+            .ok_or_else(|| damaged(format!("no CRC-32 of the header in '{CHECKSUMS_KEY}'")))?;
+        let zeros = checksums_json(
+            stored
+                .keys()
+                .map(|k| (k.as_str(), 0))
+                .chain([(HEADER_CHECKSUM, 0)]),
+        )?;
+        let key = json(CHECKSUMS_KEY)?;
+        let (written, laid_out) = (
+            format!("{key}:{}", json(text)?),
+            format!("{key}:{}", json(&zeros)?),
+        );
+        let header = self.header_text();
+        let at = header
+            .windows(written.len())
+            .position(|w| w == written.as_bytes())
+            .filter(|_| written.len() == laid_out.len())
+            .ok_or_else(|| damaged(format!("'{CHECKSUMS_KEY}' is not where upg writes it")))?;
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&header[..at]);
+        hasher.update(laid_out.as_bytes());
+        hasher.update(&header[at + written.len()..]);
+        let got = hasher.finalize();
+        if got != header_crc {
+            return Err(damaged(format!(
+                "the header does not match its checksum (CRC-32 {got:08x}, stored {header_crc:08x})"
+            )));
+        }
+        // (entry, field, container tensor, bytes) of every tensor in the file.
+        let mut parts: Vec<(&str, &str, String, &Stored)> = Vec::new();
+        for (name, m) in &self.matrices {
+            for (field, s) in m.fields.iter().zip(&m.planes) {
+                parts.push((name, field, format!("{name}.{field}"), s));
+            }
+        }
+        for (name, s) in self.arrays.iter().chain(&self.blobs) {
+            parts.push((name, "data", name.clone(), s));
+        }
+        let failures: Vec<FormatError> = parts
+            .par_iter()
+            .filter_map(|(entry, field, tensor, s)| {
+                let reason = match stored.get(tensor) {
+                    None => format!("'{tensor}' has no checksum in '{CHECKSUMS_KEY}', though the file has checksums: the header is damaged"),
+                    Some(hex) => {
+                        let want = parse(hex);
+                        let got = crc32fast::hash(self.map.get(s.start..s.end).unwrap_or(&[]));
+                        match want {
+                            None => format!("checksum '{hex}' of '{tensor}' is not 8 hex digits: the header is damaged"),
+                            Some(w) if w != got => format!("the {} bytes of '{tensor}' do not match their checksum (CRC-32 {got:08x}, stored {w:08x}): the file is damaged (an incomplete copy or download, or a bad disk); copy or convert it again", s.end - s.start),
+                            Some(_) => return None,
+                        }
+                    }
+                };
+                Some(field_error(path, entry, field, reason))
+            })
+            .collect();
+        if let Some(e) = failures.into_iter().next() {
+            return Err(e);
+        }
+        let known: BTreeSet<&str> = parts.iter().map(|p| p.2.as_str()).collect();
+        match stored.keys().find(|k| !known.contains(k.as_str())) {
+            Some(extra) => Err(field_error(
+                path,
+                extra,
+                "checksum",
+                format!("listed in '{CHECKSUMS_KEY}' but not in the file: the header is damaged"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The JSON header (its length was checked when the file was opened).
+    fn header_text(&self) -> &[u8] {
+        let len = self
+            .map
+            .first_chunk::<LEN_BYTES>()
+            .map_or(0, |n| u64::from_le_bytes(*n) as usize);
+        self.map.get(LEN_BYTES..LEN_BYTES + len).unwrap_or(&[])
     }
 
     /// A plane in place when aligned for `T`, otherwise an owned copy.

@@ -16,6 +16,13 @@ pub(crate) fn padded_len(len: usize) -> usize {
     len.div_ceil(64).max(1) * 64
 }
 
+impl GpuVector {
+    /// Bytes of the device buffer of a vector of `len` values (see [`Gpu::vector`]).
+    pub fn device_bytes_for(len: usize) -> u64 {
+        padded_len(len) as u64 * 4
+    }
+}
+
 impl Gpu {
     /// A storage buffer holding `bytes` (padded with zeros to a multiple of 4 bytes).
     pub(crate) fn buffer_with(
@@ -51,9 +58,11 @@ impl Gpu {
         let mut data = vec![0u8; size as usize];
         fill(&mut data);
         buf.get_mapped_range_mut(..)
-            .map_err(|e| GpuError::Wgpu {
-                what: what.clone(),
-                reason: e.to_string(),
+            .map_err(|e| {
+                self.fault(GpuError::Wgpu {
+                    what: what.clone(),
+                    reason: e.to_string(),
+                })
             })?
             .copy_from_slice(&data);
         buf.unmap();
@@ -172,9 +181,11 @@ impl Gpu {
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
         });
-        let fail = |reason: String| GpuError::Wgpu {
-            what: "reading results back".into(),
-            reason,
+        let fail = |reason: String| {
+            self.fault(GpuError::Wgpu {
+                what: "reading results back".into(),
+                reason,
+            })
         };
         let waited = self.device().poll(wgpu::PollType::Wait {
             submission_index: Some(index),

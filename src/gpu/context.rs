@@ -3,7 +3,12 @@
 //!
 //! Adapter choice: all backends, highest performance first (discrete, integrated, virtual, software);
 //! `UPG_BACKEND=vulkan|metal|dx12|gl|cpu` restricts the backend (`cpu` asks for the CPU path: no GPU),
-//! `UPG_ADAPTER=<substring>` picks an adapter by name.
+//! `UPG_ADAPTER=<substring>` picks an adapter by name, `UPG_DEVICE_MEMORY_MIB=<n>` plans with n MiB of
+//! device memory instead of what the driver reports (to see how a model fits a smaller GPU).
+//!
+//! Faults: errors that no error scope catches (they would otherwise abort inside wgpu) and the loss of
+//! the device are kept and returned by the next call that submits or waits, so a caller always gets
+//! an error value, never a hang or an abort.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -37,6 +42,8 @@ pub struct GpuOptions {
     /// TILE_BLOCKS, ROW_LANES, ...; gemv_q4.wgsl: QUADS; gemv_q3.wgsl: ROWS, STAGE_X) that replace the launcher's choice or add to
     /// it, each in the kernels that declare it.
     pub overrides: Vec<(String, f64)>,
+    /// Device memory to plan with instead of what the driver reports (`UPG_DEVICE_MEMORY_MIB`).
+    pub memory_bytes: Option<u64>,
 }
 
 impl Default for GpuOptions {
@@ -50,6 +57,7 @@ impl Default for GpuOptions {
             runtime_checks: true,
             limits: LimitOverrides::default(),
             overrides: Vec::new(),
+            memory_bytes: None,
         }
     }
 }
@@ -74,6 +82,20 @@ impl GpuOptions {
             };
         }
         opts.adapter = std::env::var("UPG_ADAPTER").ok().filter(|s| !s.is_empty());
+        if let Ok(mib) = std::env::var("UPG_DEVICE_MEMORY_MIB") {
+            let bytes = mib
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .and_then(|m| m.checked_mul(1 << 20))
+                .filter(|&b| b > 0)
+                .ok_or_else(|| GpuError::BadEnv {
+                    var: "UPG_DEVICE_MEMORY_MIB",
+                    value: mib.clone(),
+                    expected: "a positive number of MiB",
+                })?;
+            opts.memory_bytes = Some(bytes);
+        }
         Ok(opts)
     }
 }
@@ -98,6 +120,21 @@ pub struct Limits {
     pub max_workgroups_per_dim: u32,
     pub max_workgroup_storage_bytes: u32,
     pub max_invocations_per_workgroup: u32,
+}
+
+/// How much memory the device has for buffers, and who says so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceMemory {
+    pub bytes: u64,
+    /// "the driver's device-local heaps", or the override that set it.
+    pub source: &'static str,
+}
+
+/// Live allocations of the device's memory allocator: buffers (and any textures) not yet freed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Allocations {
+    pub count: usize,
+    pub bytes: u64,
 }
 
 /// Optional features in use.
@@ -129,7 +166,10 @@ pub struct Gpu {
     modules: Mutex<HashMap<Kernel, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
     /// Errors that no error scope caught (they would otherwise panic inside wgpu).
-    uncaptured: Arc<Mutex<Vec<String>>>,
+    uncaptured: Arc<Mutex<Vec<Uncaptured>>>,
+    /// Why the device was lost, once it is.
+    lost: Arc<Mutex<Option<String>>>,
+    memory: Option<DeviceMemory>,
     /// A small zeroed storage buffer bound where a kernel's optional input is not used.
     pub(crate) dummy: wgpu::Buffer,
     /// Uniform parameter buffers by content, and bind groups by layout and buffers: a forward pass
@@ -140,6 +180,12 @@ pub struct Gpu {
 
 /// Entries each cache keeps before it starts over (a bound on what one-off launches can pin).
 pub(crate) const CACHE_ENTRIES: usize = 4096;
+
+/// An error that escaped the error scopes: out of memory, or any other (validation, internal).
+struct Uncaptured {
+    out_of_memory: bool,
+    message: String,
+}
 
 fn rank(t: wgpu::DeviceType) -> u8 {
     match t {
@@ -242,9 +288,34 @@ impl Gpu {
         let sink = uncaptured.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
             if let Ok(mut v) = sink.lock() {
-                v.push(e.to_string());
+                v.push(Uncaptured {
+                    out_of_memory: matches!(e, wgpu::Error::OutOfMemory { .. }),
+                    message: e.to_string(),
+                });
             }
         }));
+        let lost = Arc::new(Mutex::new(None));
+        let sink = lost.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            if let Ok(mut l) = sink.lock() {
+                let message = if message.is_empty() {
+                    format!("{reason:?}")
+                } else {
+                    format!("{reason:?}: {message}")
+                };
+                l.get_or_insert(message);
+            }
+        });
+        let memory = match opts.memory_bytes {
+            Some(bytes) => Some(DeviceMemory {
+                bytes,
+                source: "UPG_DEVICE_MEMORY_MIB / GpuOptions::memory_bytes",
+            }),
+            None => driver_memory(&adapter).map(|bytes| DeviceMemory {
+                bytes,
+                source: "the driver's device-local memory heaps",
+            }),
+        };
         let o = opts.limits;
         let lower = |dev: u64, knob: Option<u64>| knob.map_or(dev, |k| k.min(dev));
         let limits = Limits {
@@ -287,6 +358,8 @@ impl Gpu {
             modules: Mutex::default(),
             pipelines: Mutex::default(),
             uncaptured,
+            lost,
+            memory,
             dummy,
             uniforms: Mutex::new(HashMap::new()),
             binds: Mutex::new(HashMap::new()),
@@ -322,6 +395,60 @@ impl Gpu {
         .replace(" )", ")")
     }
 
+    /// The memory buffers can take, where the driver tells it (Vulkan) or an override sets it.
+    pub fn memory(&self) -> Option<DeviceMemory> {
+        self.memory
+    }
+
+    /// What the device's allocator holds now, where the backend reports it (Vulkan, DX12): finished
+    /// work is cleaned up first, so freed buffers are not counted.
+    pub fn allocations(&self) -> Option<Allocations> {
+        let _ = self.device.poll(wgpu::PollType::Wait {
+            submission_index: None,
+            timeout: None,
+        });
+        self.device
+            .generate_allocator_report()
+            .map(|r| Allocations {
+                count: r.allocations.len(),
+                bytes: r.total_allocated_bytes,
+            })
+    }
+
+    /// Drops the cached kernel parameters and bind groups (made again when next needed); the buffers
+    /// they alone held are freed. Their sizes are bounded (`CACHE_ENTRIES`), but they grow with what
+    /// has been run (a parameter buffer per embedded token id): leak checks clear them first.
+    pub fn clear_caches(&self) {
+        if let Ok(mut u) = self.uniforms.lock() {
+            u.clear();
+        }
+        if let Ok(mut b) = self.binds.lock() {
+            b.clear();
+        }
+    }
+
+    /// The error for a device that is lost, if it is.
+    fn lost(&self) -> Option<GpuError> {
+        let reason = self.lost.lock().ok()?.clone()?;
+        Some(GpuError::DeviceLost {
+            adapter: self.info.name.clone(),
+            reason,
+        })
+    }
+
+    /// The error to report for a failure: the device's loss when it is lost, else `other`. A driver's
+    /// loss is known at once; a destroyed device says so only at a poll once its queue is idle, and
+    /// until then its calls fail with validation errors that would hide the cause.
+    pub(crate) fn fault(&self, other: GpuError) -> GpuError {
+        if self.lost().is_none() {
+            let _ = self.device.poll(wgpu::PollType::Wait {
+                submission_index: None,
+                timeout: Some(std::time::Duration::from_secs(5)),
+            });
+        }
+        self.lost().unwrap_or(other)
+    }
+
     pub fn variant(&self) -> Variant {
         Variant {
             f16: self.features.f16,
@@ -336,27 +463,38 @@ impl Gpu {
         let out = f();
         let e1 = pollster::block_on(validation.pop());
         let e2 = pollster::block_on(oom.pop());
-        match e1.or(e2) {
-            Some(e) => Err(GpuError::Wgpu {
+        match (e1, e2) {
+            (_, Some(_)) => Err(self.fault(GpuError::OutOfMemory {
+                what: what.to_string(),
+            })),
+            (Some(e), None) => Err(self.fault(GpuError::Wgpu {
                 what: what.to_string(),
                 reason: e.to_string(),
-            }),
-            None => self.take_uncaptured(what).map(|()| out),
+            })),
+            (None, None) => self.take_uncaptured(what).map(|()| out),
         }
     }
 
-    /// Fails with the first error that escaped the error scopes since the last call.
+    /// Fails if the device is lost, or with the first error that escaped the error scopes since the
+    /// last call.
     pub(crate) fn take_uncaptured(&self, what: &str) -> Result<()> {
+        if let Some(lost) = self.lost() {
+            return Err(lost);
+        }
         let mut v = self.uncaptured.lock().map_err(|_| GpuError::Wgpu {
             what: what.into(),
             reason: "error log poisoned".into(),
         })?;
         let first = v.drain(..).next();
+        drop(v);
         match first {
-            Some(reason) => Err(GpuError::Wgpu {
+            Some(e) if e.out_of_memory => {
+                Err(self.fault(GpuError::OutOfMemory { what: what.into() }))
+            }
+            Some(e) => Err(self.fault(GpuError::Wgpu {
                 what: what.into(),
-                reason,
-            }),
+                reason: e.message,
+            })),
             None => Ok(()),
         }
     }
@@ -378,9 +516,11 @@ impl Gpu {
         // A failed submission reports its cause through the uncaptured-error handler, and the wait
         // only says the index was never submitted: give the cause first.
         self.take_uncaptured("running kernels")?;
-        waited.map_err(|e| GpuError::Wgpu {
-            what: "waiting for the GPU".into(),
-            reason: e.to_string(),
+        waited.map_err(|e| {
+            self.fault(GpuError::Wgpu {
+                what: "waiting for the GPU".into(),
+                reason: e.to_string(),
+            })
         })?;
         Ok(())
     }
@@ -577,6 +717,44 @@ impl Gpu {
         }
         Ok((max as u32, y as u32))
     }
+}
+
+/// Bytes of the adapter's device-local memory heaps, where the backend can say (Vulkan); `None`
+/// elsewhere. wgpu has no portable query for it.
+#[cfg(any(
+    windows,
+    target_os = "linux",
+    target_os = "android",
+    target_os = "freebsd"
+))]
+fn driver_memory(adapter: &wgpu::Adapter) -> Option<u64> {
+    // SAFETY: only reads the physical device's memory properties through the raw Vulkan handles;
+    // nothing wgpu tracks is created or changed.
+    let hal = unsafe { adapter.as_hal::<wgpu::hal::api::Vulkan>() }?;
+    let props = unsafe {
+        hal.shared_instance()
+            .raw_instance()
+            .get_physical_device_memory_properties(hal.raw_physical_device())
+    };
+    // VK_MEMORY_HEAP_DEVICE_LOCAL_BIT
+    const DEVICE_LOCAL: u32 = 1;
+    let heaps = props.memory_heaps.get(..props.memory_heap_count as usize)?;
+    let bytes: u64 = heaps
+        .iter()
+        .filter(|h| h.flags.as_raw() & DEVICE_LOCAL != 0)
+        .map(|h| h.size)
+        .sum();
+    (bytes > 0).then_some(bytes)
+}
+
+#[cfg(not(any(
+    windows,
+    target_os = "linux",
+    target_os = "android",
+    target_os = "freebsd"
+)))]
+fn driver_memory(_adapter: &wgpu::Adapter) -> Option<u64> {
+    None
 }
 
 fn poisoned() -> GpuError {

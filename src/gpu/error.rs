@@ -19,9 +19,23 @@ pub enum GpuError {
     #[error("cannot upload the matrix: {0}")]
     Layout(String),
 
-    /// An error reported by wgpu (validation, out of memory, lost device) while doing `what`.
+    /// An error reported by wgpu (validation, internal) while doing `what`.
     #[error("GPU error while {what}: {reason}")]
     Wgpu { what: String, reason: String },
+
+    #[error("the GPU ran out of memory while {what}: use a smaller --ctx or a more compressed codec, close other programs that use the GPU, or run on the CPU (--backend cpu)")]
+    OutOfMemory { what: String },
+
+    /// The driver reset or removed the device (or the program destroyed it); nothing on it survives.
+    #[error("the GPU device '{adapter}' was lost ({reason}): its driver reset or the device was removed; start again (the model must be loaded anew), or run on the CPU (--backend cpu)")]
+    DeviceLost { adapter: String, reason: String },
+
+    #[error("{var}={value:?} is not valid: expected {expected}")]
+    BadEnv {
+        var: &'static str,
+        value: String,
+        expected: &'static str,
+    },
 
     #[error("a WGSL kernel failed to build ({kernel}): {reason}")]
     Shader { kernel: String, reason: String },

@@ -16,7 +16,7 @@ use super::context::Gpu;
 use super::error::{GpuError, Result};
 use crate::format::dense::Q3_RUN_BYTES;
 use crate::format::sparse::{nibble, BLOCK, BLOCK_CODE_BYTES, KEEP};
-use crate::format::{Codec, Q3Matrix, Q4Matrix, SparseMatrix, Tensor};
+use crate::format::{sparse, Codec, MatrixSpec, Q3Matrix, Q4Matrix, SparseMatrix, Tensor};
 
 /// Rows per tile of the sparse GPU layout (a warp's worth of rows at one block).
 pub(crate) const TILE_ROWS: usize = 32;
@@ -250,7 +250,60 @@ fn plan(gpu: &Gpu, rows: usize, row_bytes: usize, multiple: usize) -> Result<Vec
     Ok(out)
 }
 
+/// Size of a buffer made by [`Gpu::buffer_with`] from `len` bytes.
+fn stored(len: usize) -> u64 {
+    (len.max(4).div_ceil(4) * 4) as u64
+}
+
 impl Gpu {
+    /// Bytes of device buffers that [`Gpu::upload`] makes for a matrix of `spec`, chunk by chunk as
+    /// it lays them out, without making any; fails where the upload would fail for its shape or
+    /// codec. This is how a model's fit is known before anything is uploaded.
+    pub fn matrix_device_bytes(&self, spec: &MatrixSpec) -> Result<u64> {
+        let (rows, cols) = (spec.rows, spec.cols);
+        let group = spec.group.unwrap_or(0);
+        let mut total = 0;
+        match spec.codec {
+            Codec::Q3 => {
+                // As the Q3 arm of `upload` sizes its planes.
+                let padded = Q3Matrix::padded_cols(cols, group.max(1));
+                let (n32, ns2) = (cols.div_ceil(32), (padded / group.max(1)).div_ceil(2));
+                for (_, n) in plan(self, rows, (3 * n32 * 4).max(ns2 * 4), 1)? {
+                    total += (n * 3 * n32 * 4).max(4) as u64 + (n * ns2 * 4).max(4) as u64;
+                }
+            }
+            Codec::Sparse => {
+                let nb = sparse::blocks_per_row(cols);
+                let ng = sparse::groups_per_row(cols, group.max(1));
+                for (_, n) in plan(self, rows, nb * 16, TILE_ROWS)? {
+                    // As `sparse_planes` sizes them.
+                    let tiles = n.div_ceil(TILE_ROWS);
+                    let recs = tiles * nb * TILE_ROWS;
+                    total += stored(2 * recs * 4)
+                        + stored(4 * recs * 4)
+                        + stored(recs.div_ceil(4) * 4)
+                        + stored((tiles * ng * TILE_ROWS).div_ceil(2) * 2 * 2);
+                }
+            }
+            Codec::F16 | Codec::F32 => {
+                let elem = if spec.codec == Codec::F16 { 2 } else { 4 };
+                let stride = dense_stride(cols);
+                for (_, n) in plan(self, rows, stride * elem, 1)? {
+                    total += (n * stride * elem).max(16) as u64;
+                }
+            }
+            Codec::Q4 => {
+                let padded = Q4Matrix::padded_cols(cols, group.max(1));
+                let (row_bytes, ng) = (padded / 2, padded / group.max(1));
+                let ns2 = ng.div_ceil(2);
+                for (_, n) in plan(self, rows, row_bytes.max(ns2 * 4), 1)? {
+                    total += stored(n * row_bytes) + (n * ns2 * 4).max(4) as u64;
+                }
+            }
+        }
+        Ok(total)
+    }
+
     /// Uploads a tensor in any codec.
     pub fn upload(&self, w: &Tensor) -> Result<GpuMatrix> {
         if let Err((plane, msg)) = w.validate() {

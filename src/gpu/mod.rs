@@ -24,7 +24,9 @@ mod spmm;
 mod transformer;
 
 pub use buffers::GpuVector;
-pub use context::{AdapterSummary, Features, Gpu, GpuOptions, LimitOverrides, Limits};
+pub use context::{
+    AdapterSummary, Allocations, DeviceMemory, Features, Gpu, GpuOptions, LimitOverrides, Limits,
+};
 pub use error::{GpuError, Result};
 pub use kernels::Prologue;
 pub use matrix::{DenseKind, GpuMatrix};

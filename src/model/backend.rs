@@ -27,6 +27,7 @@
 use super::config::Config;
 use super::error::{ModelError, Result};
 use super::sampler::Sampler;
+use super::weights::HostWeights;
 use crate::format::Tensor;
 
 /// Attention dimensions, fixed for a model and context size.
@@ -103,6 +104,25 @@ pub trait Backend {
     /// The most positions one pass may take (activation buffers are sized for it).
     fn max_batch(&self) -> usize {
         usize::MAX
+    }
+
+    /// [`Self::max_batch`] for a model of these weights (a backend may lack a batched product for
+    /// some codec), known before they are uploaded.
+    fn max_batch_for(&self, _weights: &crate::model::HostWeights) -> usize {
+        self.max_batch()
+    }
+
+    /// Refuses, before anything is uploaded, a model that the device cannot hold: `weights` with a
+    /// KV cache of `ctx` positions and activations for `rows` positions. Host memory is not checked
+    /// (the CPU backend's allocations fail with an error of their own).
+    fn check_fit(
+        &self,
+        _config: &Config,
+        _weights: &HostWeights,
+        _ctx: usize,
+        _rows: usize,
+    ) -> Result<()> {
+        Ok(())
     }
 
     /// Positions per prompt pass of [`crate::model::Phi3::new`].

@@ -113,6 +113,17 @@ fn bad(msg: String) -> ModelError {
     ModelError::Config(msg)
 }
 
+/// The largest sizes accepted, far above any published model (Phi-4: hidden 5120, MLP 17920, 40
+/// layers, vocabulary 100352; Phi-4-mini: 131072 positions). Below them every size the driver derives
+/// (parameters, buffer lengths, table sizes) fits in 64 bits; above them a config is damaged.
+const MAX_SIZES: [(&str, usize); 5] = [
+    ("hidden_size", 1 << 20),
+    ("intermediate_size", 1 << 22),
+    ("num_hidden_layers", 1 << 12),
+    ("vocab_size", 1 << 24),
+    ("max_position_embeddings", 1 << 24),
+];
+
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
@@ -194,6 +205,20 @@ impl Config {
         let max_pos = raw.max_position_embeddings.unwrap_or(4096);
         if max_pos == 0 {
             return Err(bad("max_position_embeddings is 0".into()));
+        }
+        let sizes = [
+            hidden,
+            raw.intermediate_size,
+            raw.num_hidden_layers,
+            raw.vocab_size,
+            max_pos,
+        ];
+        for ((name, max), v) in MAX_SIZES.into_iter().zip(sizes) {
+            if v > max {
+                return Err(bad(format!(
+                    "{name} {v} is larger than any model this driver runs (at most {max}): the config is damaged or not a Phi-3 family config"
+                )));
+            }
         }
 
         // transformers: `rope_parameters = rope_scaling or rope_parameters`, then top-level values fill the
@@ -294,7 +319,7 @@ impl Config {
         if raw.sliding_window == Some(0) {
             return Err(bad("sliding_window is 0".into()));
         }
-        Ok(Config {
+        let config = Config {
             hidden_size: hidden,
             intermediate_size: raw.intermediate_size,
             num_hidden_layers: raw.num_hidden_layers,
@@ -312,7 +337,11 @@ impl Config {
             eos_token_ids,
             pad_token_id: raw.pad_token_id,
             sliding_window: raw.sliding_window,
-        })
+        };
+        if let Some(why) = super::rope::check(&config) {
+            return Err(bad(why));
+        }
+        Ok(config)
     }
 
     /// Dimensions of each head that RoPE rotates (transformers: int(head_dim * partial_rotary_factor)).

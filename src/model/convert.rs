@@ -15,7 +15,7 @@ use super::calibration::ActivationNorms;
 use super::checkpoint::Checkpoint;
 use super::codec_choice::{choose_for, Candidate, TensorChoice};
 use super::config::Config;
-use super::error::{ModelError, Result};
+use super::error::{ModelError, Result, TokenizerError};
 use super::tokenizer::TokenizerFiles;
 use super::weights::{encode_from_checkpoint, CodecPlan, HostWeights, MatrixName, Role, Weights};
 use crate::format::file::{MatrixSpec, Plan, UpgFile, UpgWriter};
@@ -179,7 +179,7 @@ fn write(
         std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
     let tokenizer = match TokenizerFiles::read_dir(dir) {
         Ok(files) => Some(files),
-        Err(ModelError::Tokenizer { .. }) => None,
+        Err(ModelError::Tokenizer(TokenizerError::Missing { .. })) => None,
         Err(e) => return Err(e),
     };
 

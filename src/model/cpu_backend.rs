@@ -93,8 +93,17 @@ impl Backend for Cpu {
     }
 
     fn scratch(&mut self, len: usize) -> Result<Vec<f32>> {
+        // Reserved first: a request the machine cannot hold (a huge --ctx) is an error, not an abort.
+        let mut v = Vec::new();
+        v.try_reserve_exact(len).map_err(|_| {
+            ModelError::Backend(format!(
+                "cannot allocate {:.1} MiB of host memory for a buffer of {len} values: use a smaller --ctx",
+                len as f64 * 4.0 / (1u64 << 20) as f64
+            ))
+        })?;
         // NaN, so that a value read before any op wrote it shows up in the output.
-        Ok(vec![f32::NAN; len])
+        v.resize(len, f32::NAN);
+        Ok(v)
     }
 
     fn embed(&mut self, table: &Tensor, tokens: &[u32], out: &mut Vec<f32>) {

@@ -1,5 +1,6 @@
-//! Errors of the model layer: config, checkpoint, tokenizer, chat template, sampler and generation.
-//! Each message says what is wrong, where, and what to do.
+//! Errors of the model layer (config, checkpoint, sampler, generation, the device's fit) and of its
+//! tokenizer (the tokenizer files and the chat template). Each message says what is wrong, where, and
+//! what to do.
 
 use std::path::PathBuf;
 
@@ -61,11 +62,8 @@ pub enum ModelError {
         source: FormatError,
     },
 
-    #[error("{path}: {reason}")]
-    Tokenizer { path: PathBuf, reason: String },
-
-    #[error("chat template: {0}")]
-    Template(String),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
 
     #[error("token id {id} is outside the model's vocabulary of {vocab} entries")]
     Token { id: u32, vocab: usize },
@@ -80,6 +78,9 @@ pub enum ModelError {
     /// `convert --bits`: no codec fits the budget, or an error could not be measured.
     #[error("codec choice: {0}")]
     Choice(String),
+    /// A model the GPU cannot hold, found before anything was uploaded.
+    #[error("the model does not fit the GPU '{adapter}': {reason}")]
+    DoesNotFit { adapter: String, reason: String },
 
     #[error("sampler: {0}")]
     Sampler(String),
@@ -95,6 +96,23 @@ pub enum ModelError {
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// Errors of the tokenizer: its files (tokenizer.json, tokenizer_config.json, generation_config.json,
+/// chat_template.jinja) and the chat template.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error(
+        "{path}: missing: the model folder needs its tokenizer.json (download it with the weights)"
+    )]
+    Missing { path: PathBuf },
+
+    /// A file that cannot be read or decoded, or a token it cannot decode; the reason says which.
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+
+    #[error("chat template: {0}")]
+    Template(String),
+}
 
 impl ModelError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -9,6 +9,7 @@
 //!   implement it.
 //! - [`rope`]: RoPE / LongRoPE tables. [`phi3`]: the model, its KV cache and generation loop.
 //! - [`sampler`], [`tokenizer`]: choosing tokens, text and chat templates.
+//! - [`device_fit`]: whether a model fits a GPU, known before anything is uploaded.
 //! - [`calibration`]: activation norms of the linear layers' inputs (Wanda pruning).
 //! - [`perplexity`]: held-out perplexity over windows of a token stream, on any backend.
 
@@ -19,6 +20,7 @@ pub mod codec_choice;
 pub mod config;
 pub mod convert;
 pub mod cpu_backend;
+pub mod device_fit;
 pub mod error;
 pub mod gpu_backend;
 mod gpu_profile;
@@ -34,7 +36,7 @@ pub use backend::{AttentionShape, Backend};
 pub use checkpoint::Checkpoint;
 pub use config::{Config, LongRope};
 pub use cpu_backend::Cpu;
-pub use error::{ModelError, Result};
+pub use error::{ModelError, Result, TokenizerError};
 pub use gpu_backend::GpuBackend;
 pub use phi3::{Generation, Phi3};
 pub use sampler::{Sampler, SamplerConfig};

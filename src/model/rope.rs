@@ -73,6 +73,28 @@ pub fn inv_freq(config: &Config, set: FactorSet) -> Vec<f64> {
         .collect()
 }
 
+/// Why `config`'s tables would not be finite at some position below max_position_embeddings, if so:
+/// a theta or factor so extreme that an angle or LongRoPE's scaling overflows.
+pub(crate) fn check(config: &Config) -> Option<String> {
+    let scale = attention_scaling(config);
+    if !(scale.is_finite() && scale > 0.0 && (scale as f32).is_finite()) {
+        return Some(format!(
+            "rope_scaling gives an attention scaling of {scale}: check factor, attention_factor and original_max_position_embeddings (> 1)"
+        ));
+    }
+    let last = config.max_position_embeddings.saturating_sub(1) as f64;
+    for set in [FactorSet::Short, FactorSet::Long] {
+        for (i, f) in inv_freq(config, set).into_iter().enumerate() {
+            if !(f.is_finite() && (last * f).is_finite()) {
+                return Some(format!(
+                    "RoPE frequency {i} ({set:?} factors) is {f}: rope_theta or the rope_scaling factors are out of range"
+                ));
+            }
+        }
+    }
+    None
+}
+
 impl RopeTable {
     pub fn new(config: &Config, set: FactorSet, ctx: usize) -> Self {
         let freqs = inv_freq(config, set);

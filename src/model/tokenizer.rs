@@ -10,7 +10,7 @@ use minijinja::{Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
 
 use super::config::{Config, TokenIds};
-use super::error::{ModelError, Result};
+use super::error::{ModelError, Result, TokenizerError};
 
 /// End-of-turn markers of the Phi family (Phi-3 <|end|>, Phi-4 <|im_end|>), stop tokens when present.
 const END_OF_TURN: &[&str] = &["<|end|>", "<|im_end|>"];
@@ -92,9 +92,11 @@ fn parse_json<T: for<'de> Deserialize<'de> + Default>(
     let Some(text) = text else {
         return Ok(T::default());
     };
-    serde_json::from_str(text).map_err(|e| ModelError::Tokenizer {
-        path: path.to_owned(),
-        reason: format!("not valid JSON of the expected form: {e}"),
+    serde_json::from_str(text).map_err(|e| {
+        ModelError::from(TokenizerError::Invalid {
+            path: path.to_owned(),
+            reason: format!("not valid JSON of the expected form: {e}"),
+        })
     })
 }
 
@@ -120,10 +122,7 @@ impl TokenizerFiles {
     pub fn read_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.exists() {
-            return Err(ModelError::Tokenizer {
-                path,
-                reason: "missing: the model folder needs its tokenizer.json".into(),
-            });
+            return Err(TokenizerError::Missing { path }.into());
         }
         let optional = |name: &str| -> Result<Option<String>> {
             let p = dir.join(name);
@@ -169,10 +168,10 @@ impl TextTokenizer {
     pub fn from_files(files: &TokenizerFiles, origin: &Path, config: &Config) -> Result<Self> {
         let path = origin.join("tokenizer.json");
         let inner = tokenizers::Tokenizer::from_bytes(&files.tokenizer).map_err(|e| {
-            ModelError::Tokenizer {
+            ModelError::from(TokenizerError::Invalid {
                 path: path.clone(),
-                reason: format!("cannot be read: {e}"),
-            }
+                reason: format!("cannot be read ({e}): the file is damaged or not a Hugging Face tokenizer; download it again"),
+            })
         })?;
         let tc: TokenizerConfig = parse_json(
             files.tokenizer_config.as_deref(),
@@ -222,10 +221,10 @@ impl TextTokenizer {
     }
 
     fn err(&self, what: &str, e: impl std::fmt::Display) -> ModelError {
-        ModelError::Tokenizer {
+        ModelError::from(TokenizerError::Invalid {
             path: self.path.clone(),
             reason: format!("{what}: {e}"),
-        }
+        })
     }
 
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor (BOS, ...), as
@@ -278,10 +277,10 @@ impl TextTokenizer {
         add_generation_prompt: bool,
     ) -> Result<String> {
         let source = self.template.as_deref().ok_or_else(|| {
-            ModelError::Template(format!(
+            ModelError::from(TokenizerError::Template(format!(
                 "{} has no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja): use --raw",
                 self.path.parent().unwrap_or(&self.path).display()
-            ))
+            )))
         })?;
         render_chat_template(source, messages, add_generation_prompt, &self.special)
     }
@@ -300,9 +299,11 @@ pub struct TextStream<'a> {
 
 impl TextStream<'_> {
     pub fn step(&mut self, id: u32) -> Result<Option<String>> {
-        self.inner.step(id).map_err(|e| ModelError::Tokenizer {
-            path: "tokenizer.json".into(),
-            reason: format!("decoding token {id} failed: {e}"),
+        self.inner.step(id).map_err(|e| {
+            ModelError::from(TokenizerError::Invalid {
+                path: "tokenizer.json".into(),
+                reason: format!("decoding token {id} failed: {e}"),
+            })
         })
     }
 }
@@ -326,11 +327,12 @@ pub fn render_chat_template(
         },
     );
     env.set_unknown_method_callback(python_methods);
-    env.add_template("chat", source)
-        .map_err(|e| ModelError::Template(format!("does not compile: {e:#}")))?;
+    env.add_template("chat", source).map_err(|e| {
+        ModelError::from(TokenizerError::Template(format!("does not compile: {e:#}")))
+    })?;
     let tmpl = env
         .get_template("chat")
-        .map_err(|e| ModelError::Template(e.to_string()))?;
+        .map_err(|e| ModelError::from(TokenizerError::Template(e.to_string())))?;
     let mut ctx = std::collections::BTreeMap::new();
     ctx.insert("messages".to_string(), Value::from_serialize(messages));
     ctx.insert(
@@ -341,7 +343,7 @@ pub fn render_chat_template(
         ctx.insert(k.clone(), Value::from(v.as_str()));
     }
     tmpl.render(ctx)
-        .map_err(|e| ModelError::Template(format!("rendering failed: {e:#}")))
+        .map_err(|e| ModelError::from(TokenizerError::Template(format!("rendering failed: {e:#}"))))
 }
 
 /// The Python string methods chat templates call (`content.strip()`, `role.startswith('u')`, ...).
