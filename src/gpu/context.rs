@@ -311,6 +311,9 @@ impl Gpu {
                 bytes,
                 source: "UPG_DEVICE_MEMORY_MIB / GpuOptions::memory_bytes",
             }),
+            // A software adapter (lavapipe) draws on host memory, which the OS overcommits: its
+            // heap size is a nominal figure, not a limit.
+            None if info.device_type == wgpu::DeviceType::Cpu => None,
             None => driver_memory(&adapter).map(|bytes| DeviceMemory {
                 bytes,
                 source: "the driver's device-local memory heaps",
@@ -395,7 +398,8 @@ impl Gpu {
         .replace(" )", ")")
     }
 
-    /// The memory buffers can take, where the driver tells it (Vulkan) or an override sets it.
+    /// The memory buffers can take, where the driver tells it (Vulkan, hardware adapters) or an
+    /// override sets it.
     pub fn memory(&self) -> Option<DeviceMemory> {
         self.memory
     }

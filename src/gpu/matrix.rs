@@ -265,9 +265,9 @@ impl Gpu {
         let mut total = 0;
         match spec.codec {
             Codec::Q3 => {
-                // As the Q3 arm of `upload` sizes its planes.
                 let padded = Q3Matrix::padded_cols(cols, group.max(1));
-                let (n32, ns2) = (cols.div_ceil(32), (padded / group.max(1)).div_ceil(2));
+                let ng = padded / group.max(1);
+                let (n32, ns2) = (cols.div_ceil(32), ng.div_ceil(2));
                 for (_, n) in plan(self, rows, (3 * n32 * 4).max(ns2 * 4), 1)? {
                     total += (n * 3 * n32 * 4).max(4) as u64 + (n * ns2 * 4).max(4) as u64;
                 }

@@ -106,21 +106,16 @@ pub trait Backend {
         usize::MAX
     }
 
-    /// [`Self::max_batch`] for a model of these weights (a backend may lack a batched product for
-    /// some codec), known before they are uploaded.
-    fn max_batch_for(&self, _weights: &crate::model::HostWeights) -> usize {
-        self.max_batch()
-    }
-
     /// Refuses, before anything is uploaded, a model that the device cannot hold: `weights` with a
-    /// KV cache of `ctx` positions and activations for `rows` positions. Host memory is not checked
-    /// (the CPU backend's allocations fail with an error of their own).
+    /// KV cache of `ctx` positions and activations for up to `batch` positions a pass (fewer where
+    /// [`Self::max_batch`] will be lower for these weights). Host memory is not checked (the CPU
+    /// backend's allocations fail with an error of their own).
     fn check_fit(
         &self,
         _config: &Config,
         _weights: &HostWeights,
         _ctx: usize,
-        _rows: usize,
+        _batch: usize,
     ) -> Result<()> {
         Ok(())
     }

@@ -7,7 +7,7 @@
 use super::config::Config;
 use super::error::{ModelError, Result};
 use super::weights::HostWeights;
-use crate::format::MatrixSpec;
+use crate::format::{MatrixSpec, Tensor};
 use crate::gpu::{AttentionDims, Gpu, GpuVector};
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -23,6 +23,17 @@ pub struct Footprint {
     pub activations: u64,
     /// The largest buffer that is not a weight chunk (weights are split to fit a binding), by name.
     pub largest: (String, u64),
+}
+
+/// Every weight matrix of `weights`.
+pub(crate) fn matrices(weights: &HostWeights) -> impl Iterator<Item = &Tensor> {
+    let layers = weights
+        .layers
+        .iter()
+        .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down]);
+    std::iter::once(&weights.embed)
+        .chain(weights.lm_head.as_ref())
+        .chain(layers)
 }
 
 /// f32 values of the scratch buffer of the decode attention, made at the first decoded token.
@@ -55,15 +66,12 @@ impl Footprint {
         kv_f16: bool,
     ) -> Result<Self> {
         let vector = GpuVector::device_bytes_for;
-        let mut matrices = vec![&weights.embed];
-        matrices.extend(weights.lm_head.as_ref());
         let mut norms = vec![weights.final_norm.len()];
         for l in &weights.layers {
-            matrices.extend([&l.qkv, &l.o, &l.gate_up, &l.down]);
             norms.extend([l.attn_norm.len(), l.mlp_norm.len()]);
         }
         let mut weight_bytes = norms.iter().map(|&n| vector(n)).sum::<u64>();
-        for m in matrices {
+        for m in matrices(weights) {
             weight_bytes += gpu.matrix_device_bytes(&MatrixSpec::of(m))?;
         }
 

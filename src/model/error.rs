@@ -75,12 +75,13 @@ pub enum ModelError {
         max: usize,
     },
 
-    /// `convert --bits`: no codec fits the budget, or an error could not be measured.
-    #[error("codec choice: {0}")]
-    Choice(String),
     /// A model the GPU cannot hold, found before anything was uploaded.
     #[error("the model does not fit the GPU '{adapter}': {reason}")]
     DoesNotFit { adapter: String, reason: String },
+
+    /// `convert --bits`: no codec fits the budget, or an error could not be measured.
+    #[error("codec choice: {0}")]
+    Choice(String),
 
     #[error("sampler: {0}")]
     Sampler(String),

@@ -23,6 +23,8 @@ pub struct GpuBackend {
     gpu: Gpu,
     /// KV cache as f16 pairs (half the memory and traffic) or f32 (the exact path).
     kv_f16: bool,
+    /// Whether a q3 matrix was uploaded (no batched product for q3: see `max_batch`).
+    q3_weights: bool,
     recording: Option<Recording>,
     error: Option<GpuError>,
     /// The greedy token id, written by argmax.wgsl.
@@ -71,6 +73,7 @@ impl GpuBackend {
         Ok(Self {
             gpu,
             kv_f16,
+            q3_weights: false,
             recording: None,
             error: None,
             token,
@@ -93,6 +96,16 @@ impl GpuBackend {
 
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+
+    /// Positions one pass may take with or without q3 matrices: batches go through spmm.wgsl, where
+    /// the device has its workgroup memory and the codecs have a decoder there (q3 has none).
+    fn batch_limit(&self, q3: bool) -> usize {
+        if self.gpu.has_batched_product() && !q3 {
+            MAX_BATCH
+        } else {
+            1
+        }
     }
 
     /// Bytes of the device buffers this backend made (weights, activations, caches).
@@ -313,6 +326,8 @@ impl Backend for GpuBackend {
     }
 
     fn matrix(&mut self, host: Tensor) -> Result<GpuMatrix> {
+        // spmm.wgsl has no q3 decoder: a model with q3 matrices feeds one position a pass.
+        self.q3_weights |= host.codec() == crate::format::Codec::Q3;
         let m = self.gpu.upload(&host)?;
         self.device_bytes += m.device_bytes();
         Ok(m)
@@ -361,31 +376,17 @@ impl Backend for GpuBackend {
         config: &super::Config,
         weights: &super::HostWeights,
         ctx: usize,
-        rows: usize,
+        batch: usize,
     ) -> Result<()> {
+        let q3 =
+            super::device_fit::matrices(weights).any(|m| m.codec() == crate::format::Codec::Q3);
+        let rows = ctx.min(batch).min(self.batch_limit(self.q3_weights || q3));
         super::device_fit::Footprint::of(&self.gpu, config, weights, ctx, rows, self.kv_f16)?
             .check(&self.gpu, ctx)
     }
 
     fn max_batch(&self) -> usize {
-        // Batches go through spmm.wgsl where the device has its workgroup memory.
-        if self.gpu.has_batched_product() {
-            MAX_BATCH
-        } else {
-            1
-        }
-    }
-
-    fn max_batch_for(&self, weights: &super::HostWeights) -> usize {
-        // spmm.wgsl has no q3 decoder: a model with q3 products feeds one position a pass.
-        if weights
-            .product_codecs()
-            .any(|c| c == crate::format::Codec::Q3)
-        {
-            1
-        } else {
-            self.max_batch()
-        }
+        self.batch_limit(self.q3_weights)
     }
 
     fn prefill_batch(&self) -> usize {

@@ -118,8 +118,7 @@ impl<B: Backend> Phi3<B> {
         }
         weights.check(&config)?;
         let c = &config;
-        let rows = ctx.min(batch).min(backend.max_batch_for(&weights));
-        backend.check_fit(c, &weights, ctx, rows)?;
+        backend.check_fit(c, &weights, ctx, batch)?;
         let shape = AttentionShape::new(c, ctx);
         let weights = weights.convert(&mut backend, |b, m| b.matrix(m), |b, v| b.buffer(&v))?;
         let mut table = |set| -> Result<(B::Buffer, B::Buffer)> {
@@ -137,6 +136,7 @@ impl<B: Backend> Phi3<B> {
             k.push(backend.kv_cache(ctx, c.kv_dim())?);
             v.push(backend.kv_cache(ctx, c.kv_dim())?);
         }
+        let rows = ctx.min(batch).min(backend.max_batch());
         let act = Activations {
             rows,
             x: backend.scratch(rows * c.hidden_size)?,

@@ -213,16 +213,6 @@ impl HostWeights {
         )
     }
 
-    /// The codecs of the matrices a pass multiplies by (every layer's and the lm_head; not the
-    /// embedding, which is only looked up).
-    pub fn product_codecs(&self) -> impl Iterator<Item = crate::format::Codec> + '_ {
-        self.layers
-            .iter()
-            .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
-            .chain([self.lm_head()])
-            .map(Tensor::codec)
-    }
-
     /// Bytes of all stored tensors and norm vectors.
     pub fn stored_bytes(&self) -> usize {
         let layers: usize = self
