@@ -44,6 +44,21 @@ const MAX_CHUNKS: usize = 128;
 /// multiprocessors), while the partials stay a quarter of the f16 keys and values.
 const CHUNK_KEYS: usize = 16;
 
+/// The Params of the attention kernels (attention.wgsl, attention_split.wgsl and
+/// attention_combine.wgsl share the layout); `count` is the rows (attention) or the chunks (split).
+fn attention_params(dims: &AttentionDims, count: usize) -> Result<[u32; 8]> {
+    Ok([
+        word(dims.heads)?,
+        word(dims.kv_heads)?,
+        word(dims.head_dim)?,
+        word(dims.qkv_dim())?,
+        word(dims.kv_dim())?,
+        word(count)?,
+        word(dims.window)?,
+        (1.0 / (dims.head_dim as f32).sqrt()).to_bits(),
+    ])
+}
+
 /// The attention kernels' shape limits: head size and the grouping of query heads.
 fn check_attention(dims: &AttentionDims) -> Result<()> {
     if dims.head_dim > MAX_HEAD_DIM || !dims.head_dim.is_multiple_of(2) || dims.head_dim == 0 {
@@ -247,17 +262,7 @@ impl Gpu {
                 "attention over {groups} (row, head) pairs in one launch"
             )));
         }
-        let scale = 1.0 / (dims.head_dim as f32).sqrt();
-        let p = [
-            word(dims.heads)?,
-            word(dims.kv_heads)?,
-            word(dims.head_dim)?,
-            word(dims.qkv_dim())?,
-            word(dims.kv_dim())?,
-            word(n)?,
-            word(dims.window)?,
-            scale.to_bits(),
-        ];
+        let p = attention_params(dims, n)?;
         let c = [("KV_F16", dims.kv_f16 as u32 as f64)];
         self.launch(
             pass,
@@ -313,17 +318,7 @@ impl Gpu {
                 partials.size()
             )));
         }
-        let scale = 1.0 / (dims.head_dim as f32).sqrt();
-        let p = [
-            word(dims.heads)?,
-            word(dims.kv_heads)?,
-            word(dims.head_dim)?,
-            word(dims.qkv_dim())?,
-            word(dims.kv_dim())?,
-            word(chunks)?,
-            word(dims.window)?,
-            scale.to_bits(),
-        ];
+        let p = attention_params(dims, chunks)?;
         let c = [("KV_F16", dims.kv_f16 as u32 as f64)];
         // Query heads of one kv head, 4 to a workgroup (attention_split.wgsl's GROUP).
         let qgroups = (dims.heads / dims.kv_heads).div_ceil(4);
