@@ -304,6 +304,35 @@ impl Gpu {
         Ok(total)
     }
 
+    /// Rows row0 .. row0 + n of a dense codec's f16 scales (`ng` a row), each row padded to an even
+    /// count so that a row starts a u32 (the layout gemv_q4.wgsl and gemv_q3.wgsl read).
+    fn dense_scales(
+        &self,
+        label: &str,
+        scales: &[half::f16],
+        ng: usize,
+        row0: usize,
+        n: usize,
+    ) -> Result<wgpu::Buffer> {
+        let ns2 = ng.div_ceil(2);
+        self.buffer_filled(
+            label,
+            (n * ns2 * 4).max(4) as u64,
+            wgpu::BufferUsages::STORAGE,
+            |dst| {
+                let dst: &mut [u16] = bytemuck::cast_slice_mut(dst);
+                for r in 0..n {
+                    for (o, s) in dst[r * 2 * ns2..][..ng]
+                        .iter_mut()
+                        .zip(&scales[(row0 + r) * ng..][..ng])
+                    {
+                        *o = s.to_bits();
+                    }
+                }
+            },
+        )
+    }
+
     /// Uploads a tensor in any codec.
     pub fn upload(&self, w: &Tensor) -> Result<GpuMatrix> {
         if let Err((plane, msg)) = w.validate() {
@@ -342,22 +371,7 @@ impl Gpu {
                                 });
                         },
                     )?;
-                    let scales = self.buffer_filled(
-                        "q3 scales",
-                        (n * ns2 * 4).max(4) as u64,
-                        storage,
-                        |dst| {
-                            let dst: &mut [u16] = bytemuck::cast_slice_mut(dst);
-                            for r in 0..n {
-                                for (o, s) in dst[r * 2 * ns2..][..ng]
-                                    .iter_mut()
-                                    .zip(&q.scales[(row0 + r) * ng..][..ng])
-                                {
-                                    *o = s.to_bits();
-                                }
-                            }
-                        },
-                    )?;
+                    let scales = self.dense_scales("q3 scales", &q.scales, ng, row0, n)?;
                     let groups = n.div_ceil(8 * self.q3_rows()) as u32;
                     let params = self.uniform(&[
                         n as u32,
@@ -476,22 +490,7 @@ impl Gpu {
                         &q.codes[row0 * row_bytes..(row0 + n) * row_bytes],
                         storage,
                     )?;
-                    let scales = self.buffer_filled(
-                        "q4 scales",
-                        (n * ns2 * 4).max(4) as u64,
-                        storage,
-                        |dst| {
-                            let dst: &mut [u16] = bytemuck::cast_slice_mut(dst);
-                            for r in 0..n {
-                                for (o, s) in dst[r * 2 * ns2..][..ng]
-                                    .iter_mut()
-                                    .zip(&q.scales[(row0 + r) * ng..][..ng])
-                                {
-                                    *o = s.to_bits();
-                                }
-                            }
-                        },
-                    )?;
+                    let scales = self.dense_scales("q4 scales", &q.scales, ng, row0, n)?;
                     let groups = n.div_ceil(Q4_WORKGROUP_ROWS) as u32;
                     let params = self.uniform(&[
                         n as u32,
