@@ -148,7 +148,7 @@ impl<B: Backend> Phi3<B> {
             last: backend.scratch(c.hidden_size)?,
             logits: backend.scratch(rows * c.vocab_size)?,
         };
-        Ok(Self {
+        let mut model = Self {
             shape,
             short,
             long,
@@ -162,7 +162,28 @@ impl<B: Backend> Phi3<B> {
             weights,
             backend,
             config,
-        })
+        };
+        if model.backend.can_queue_greedy() {
+            model.warm_up()?;
+        }
+        Ok(model)
+    }
+
+    /// Runs the decode steps once, so that a GPU builds their pipelines now and not inside the first
+    /// generated tokens (with a cold shader cache that took 0.4 s of the first decode on an H100):
+    /// a pass at position 0 and a queued one at position 1, whose cache rows the first real tokens
+    /// overwrite before anything reads them.
+    fn warm_up(&mut self) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        self.pass(Feed::Tokens(&[0]), 0, Logits::Last);
+        self.backend.queue_greedy(&self.act.logits, vocab)?;
+        if self.shape.ctx > 1 {
+            self.pass(Feed::Queued, 1, Logits::Last);
+            self.backend.queue_greedy(&self.act.logits, vocab)?;
+            self.backend.wait_greedy()?;
+        }
+        self.backend.wait_greedy()?;
+        Ok(())
     }
 
     pub fn ctx(&self) -> usize {
