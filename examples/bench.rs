@@ -530,20 +530,6 @@ impl Bench<'_> {
         let y = gpu.zeros(rows)?;
         let shape = (rows, cols);
         match op {
-            "spmv" => {
-                let ws = uploads(gpu, sparse)?;
-                let n = ws.len();
-                self.measure(
-                    gpu,
-                    op,
-                    label.into(),
-                    shape,
-                    sparse.stored_bytes() as u64,
-                    n,
-                    |pass, i| gpu.matvec(pass, &ws[i % n], &x, &y, None),
-                )?;
-                Ok(())
-            }
             "spmv_norm" => {
                 let ws = uploads(gpu, sparse)?;
                 let n = ws.len();
@@ -581,30 +567,27 @@ impl Bench<'_> {
                 )?;
                 Ok(())
             }
-            "gemv_q4" | "gemv_q3" => {
-                let codec = if op == "gemv_q4" {
-                    Codec::Q4
-                } else {
-                    Codec::Q3
+            // The plain products: the sparse matrix of the shape, or a dense one made for the op.
+            "spmv" | "gemv_f16" | "gemv_q4" | "gemv_q3" => {
+                let dense;
+                let w = match op {
+                    "spmv" => sparse,
+                    "gemv_f16" => {
+                        dense = random_f16(rows, cols, self.args.seed);
+                        &dense
+                    }
+                    _ => {
+                        let codec = if op == "gemv_q4" {
+                            Codec::Q4
+                        } else {
+                            Codec::Q3
+                        };
+                        let plan = CodecPlan::compressed();
+                        dense = random_tensor(rows, cols, codec, 0.02, self.args.seed, &plan);
+                        &dense
+                    }
                 };
-                let plan = CodecPlan::compressed();
-                let w = random_tensor(rows, cols, codec, 0.02, self.args.seed, &plan);
-                let ws = uploads(gpu, &w)?;
-                let n = ws.len();
-                self.measure(
-                    gpu,
-                    op,
-                    label.into(),
-                    shape,
-                    w.stored_bytes() as u64,
-                    n,
-                    |pass, i| gpu.matvec(pass, &ws[i % n], &x, &y, None),
-                )?;
-                Ok(())
-            }
-            "gemv_f16" => {
-                let w = random_f16(rows, cols, self.args.seed);
-                let ws = uploads(gpu, &w)?;
+                let ws = uploads(gpu, w)?;
                 let n = ws.len();
                 self.measure(
                     gpu,
