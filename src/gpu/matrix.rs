@@ -304,6 +304,37 @@ impl Gpu {
         Ok(total)
     }
 
+    /// A chunk of q4 or q3 rows row0 .. row0 + n: its code and scale planes and the parameters its
+    /// gemv launch reads (rows, 32-column runs and scale pairs a row, first row, workgroups).
+    #[allow(clippy::too_many_arguments)]
+    fn code_chunk(
+        &self,
+        row0: usize,
+        n: usize,
+        n32: usize,
+        ns2: usize,
+        groups: usize,
+        codes: wgpu::Buffer,
+        scales: wgpu::Buffer,
+    ) -> Result<Chunk> {
+        let params = self.uniform(&[
+            n as u32,
+            n32 as u32,
+            ns2 as u32,
+            row0 as u32,
+            groups as u32,
+            0,
+            0,
+            0,
+        ])?;
+        Ok(Chunk {
+            row0,
+            rows: n,
+            planes: vec![codes, scales],
+            params,
+        })
+    }
+
     /// Rows row0 .. row0 + n of a dense codec's f16 scales (`ng` a row), each row padded to an even
     /// count so that a row starts a u32 (the layout gemv_q4.wgsl and gemv_q3.wgsl read).
     fn dense_scales(
@@ -372,23 +403,8 @@ impl Gpu {
                         },
                     )?;
                     let scales = self.dense_scales("q3 scales", &q.scales, ng, row0, n)?;
-                    let groups = n.div_ceil(8 * self.q3_rows()) as u32;
-                    let params = self.uniform(&[
-                        n as u32,
-                        n32 as u32,
-                        ns2 as u32,
-                        row0 as u32,
-                        groups,
-                        0,
-                        0,
-                        0,
-                    ])?;
-                    chunks.push(Chunk {
-                        row0,
-                        rows: n,
-                        planes: vec![codes, scales],
-                        params,
-                    });
+                    let groups = n.div_ceil(8 * self.q3_rows());
+                    chunks.push(self.code_chunk(row0, n, n32, ns2, groups, codes, scales)?);
                 }
                 (
                     Layout::Q3 {
@@ -491,23 +507,8 @@ impl Gpu {
                         storage,
                     )?;
                     let scales = self.dense_scales("q4 scales", &q.scales, ng, row0, n)?;
-                    let groups = n.div_ceil(Q4_WORKGROUP_ROWS) as u32;
-                    let params = self.uniform(&[
-                        n as u32,
-                        n32 as u32,
-                        ns2 as u32,
-                        row0 as u32,
-                        groups,
-                        0,
-                        0,
-                        0,
-                    ])?;
-                    chunks.push(Chunk {
-                        row0,
-                        rows: n,
-                        planes: vec![codes, scales],
-                        params,
-                    });
+                    let groups = n.div_ceil(Q4_WORKGROUP_ROWS);
+                    chunks.push(self.code_chunk(row0, n, n32, ns2, groups, codes, scales)?);
                 }
                 (
                     Layout::Q4 {
