@@ -19,19 +19,10 @@
 // Dispatch: (n * heads, 1, 1); the launcher keeps it <= 65535.
 // Features: none.
 
-struct Params {
-    heads: u32,
-    kv_heads: u32,
-    head_dim: u32,
-    qkv_dim: u32,
-    kv_dim: u32,
-    n: u32,
-    window: u32,
-    scale: f32,
-}
+// #include attention_params.wgsl
 
 override KV_F16: u32 = 1u;
-const TILE: u32 = 128u;
+const TILE: u32 = REDUCE_WG; // keys per tile: one a thread, summed by reduce_all
 const MAX_HEAD_DIM: u32 = 256u;
 const NEG_INF: f32 = -3.4028235e38;
 
@@ -44,7 +35,6 @@ const NEG_INF: f32 = -3.4028235e38;
 
 var<workgroup> q: array<f32, MAX_HEAD_DIM>;
 var<workgroup> weights: array<f32, TILE>;
-var<workgroup> reduce: array<f32, TILE>;
 
 // Dimensions d and d + 1 (d even) of cache row `row` from element offset `off`.
 fn key2(row: u32, off: u32, d: u32) -> vec2<f32> {
@@ -63,26 +53,13 @@ fn value(row: u32, off: u32, d: u32) -> f32 {
     return bitcast<f32>(v_cache[e]);
 }
 
-// Tree reduction of reduce[0..TILE] with max (is_max) or sum; every thread gets the result.
-fn reduce_tile(li: u32, x: f32, is_max: bool) -> f32 {
-    workgroupBarrier();
-    reduce[li] = x;
-    for (var stride = TILE / 2u; stride > 0u; stride /= 2u) {
-        workgroupBarrier();
-        if li < stride {
-            let o = reduce[li + stride];
-            reduce[li] = select(reduce[li] + o, max(reduce[li], o), is_max);
-        }
-    }
-    workgroupBarrier();
-    return reduce[0];
-}
+// #include workgroup_reduce.wgsl
 
 @compute @workgroup_size(TILE)
 fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec3<u32>) {
     let t = wg.x / params.heads;
     let h = wg.x - t * params.heads;
-    if t >= params.n {
+    if t >= params.count {
         return;
     }
     let hd = params.head_dim;
@@ -112,11 +89,11 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wg: vec
             }
             s = dot * params.scale;
         }
-        let m_new = max(m, reduce_tile(li, s, true));
+        let m_new = max(m, reduce_all(li, s, true));
         let p = select(0.0, exp(s - m_new), j <= pos);
         weights[li] = p;
         let corr = exp(m - m_new);
-        l = l * corr + reduce_tile(li, p, false);
+        l = l * corr + reduce_all(li, p, false);
         m = m_new;
         let keys = min(TILE, pos + 1u - tile0);
         acc0 *= corr;

@@ -13,18 +13,9 @@
 // Dispatch: heads workgroups as (x, y), index = x + y * num_workgroups.x.
 // Features: none.
 
-struct Params {
-    heads: u32,
-    kv_heads: u32,
-    head_dim: u32,
-    qkv_dim: u32,
-    kv_dim: u32,
-    chunks: u32,
-    window: u32,
-    scale: f32,
-}
+// #include attention_params.wgsl
 
-const WG: u32 = 128u;
+const WG: u32 = REDUCE_WG; // one chunk a thread, summed by reduce_all
 const NEG_INF: f32 = -3.4028235e38;
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -33,22 +24,8 @@ const NEG_INF: f32 = -3.4028235e38;
 @group(0) @binding(3) var<storage, read> step: array<u32>;
 
 var<workgroup> weights: array<f32, WG>;
-var<workgroup> reduce: array<f32, WG>;
 
-// Tree reduction over the workgroup with max (is_max) or sum; every thread gets the result.
-fn reduce_all(li: u32, x: f32, is_max: bool) -> f32 {
-    workgroupBarrier();
-    reduce[li] = x;
-    for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
-        workgroupBarrier();
-        if li < stride {
-            let o = reduce[li + stride];
-            reduce[li] = select(reduce[li] + o, max(reduce[li], o), is_max);
-        }
-    }
-    workgroupBarrier();
-    return reduce[0];
-}
+// #include workgroup_reduce.wgsl
 
 @compute @workgroup_size(WG)
 fn main(
@@ -62,8 +39,8 @@ fn main(
     }
     let count = chunks_of(step[0]).count;
     let hd = params.head_dim;
-    let ml = params.heads * params.chunks * hd;
-    let row0 = h * params.chunks;
+    let ml = params.heads * params.count * hd;
+    let row0 = h * params.count;
     var m = NEG_INF;
     var l = 0.0;
     if li < count {

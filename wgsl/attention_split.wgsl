@@ -22,16 +22,7 @@
 // index = x + y * num_workgroups.x, chunk fastest.
 // Features: none.
 
-struct Params {
-    heads: u32,
-    kv_heads: u32,
-    head_dim: u32,
-    qkv_dim: u32,
-    kv_dim: u32,
-    chunks: u32,
-    window: u32,
-    scale: f32,
-}
+// #include attention_params.wgsl
 
 override KV_F16: u32 = 1u;
 const WG: u32 = 128u;
@@ -88,8 +79,8 @@ fn main(
     let id = wg.x + wg.y * nwg.x;
     let group = params.heads / params.kv_heads;
     let qgroups = (group + GROUP - 1u) / GROUP;
-    let c = id % params.chunks;
-    let rest = id / params.chunks;
+    let c = id % params.count;
+    let rest = id / params.count;
     let g = rest / qgroups;
     let h0 = g * group + (rest % qgroups) * GROUP;
     let plan = chunks_of(step[0]);
@@ -169,10 +160,10 @@ fn main(
     part_x[li] = acc_x;
     part_y[li] = acc_y;
     workgroupBarrier();
-    let ml = params.heads * params.chunks * hd;
+    let ml = params.heads * params.count * hd;
     for (var h = h0; h < last; h++) {
         let lane_h = h - h0;
-        let row = h * params.chunks + c;
+        let row = h * params.count + c;
         if subset == 0u {
             var x = 0.0;
             var y = 0.0;

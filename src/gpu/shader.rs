@@ -197,6 +197,8 @@ pub fn library(name: &str) -> Option<&'static str> {
     match name {
         "team_sum.wgsl" => Some(include_str!("../../wgsl/lib/team_sum.wgsl")),
         "attention_chunks.wgsl" => Some(include_str!("../../wgsl/lib/attention_chunks.wgsl")),
+        "attention_params.wgsl" => Some(include_str!("../../wgsl/lib/attention_params.wgsl")),
+        "workgroup_reduce.wgsl" => Some(include_str!("../../wgsl/lib/workgroup_reduce.wgsl")),
         _ => None,
     }
 }

@@ -44,8 +44,8 @@ const MAX_CHUNKS: usize = 128;
 /// multiprocessors), while the partials stay a quarter of the f16 keys and values.
 const CHUNK_KEYS: usize = 16;
 
-/// The Params of the attention kernels (attention.wgsl, attention_split.wgsl and
-/// attention_combine.wgsl share the layout); `count` is the rows (attention) or the chunks (split).
+/// The Params of the attention kernels (wgsl/lib/attention_params.wgsl); `count` is the rows
+/// (attention) or the chunks (split).
 fn attention_params(dims: &AttentionDims, count: usize) -> Result<[u32; 8]> {
     Ok([
         word(dims.heads)?,
