@@ -84,10 +84,10 @@ struct Args {
     /// Turn off wgpu's shader bounds checks and loop bounding.
     #[arg(long)]
     unchecked: bool,
-    /// Configurations to compare in the spmv, spmv_norm, spmv_swiglu, gemv_q4 and gemv_q3 rows,
+    /// Configurations to compare in the spmv, spmv_norm, spmv_swiglu, gemv_q4, gemv_q3 and spmm rows,
     /// `;`-separated, each a `,`-separated list of NAME=VALUE override constants of spmv.wgsl,
-    /// gemv_q4.wgsl or gemv_q3.wgsl (e.g. "SLICES=4;SLICES=8,ROW_LANES=2"), each applied where
-    /// declared; empty = the launcher's.
+    /// gemv_q4.wgsl, gemv_q3.wgsl or spmm_coop.wgsl (e.g. "SLICES=4;SLICES=8,ROW_LANES=2;X_LO=0"),
+    /// each applied where declared; empty = the launcher's.
     #[arg(long)]
     spmv_set: Option<String>,
     /// Size of the copy buffers in MiB (capped at the device's largest storage binding; 256 on the
@@ -117,7 +117,14 @@ const PHI4: &[(usize, usize)] = &[
 ];
 const SQUARE: &[usize] = &[512, 1024, 2048, 5120];
 /// The ops that `--spmv-set` configurations apply to.
-const SET_OPS: &[&str] = &["spmv", "spmv_norm", "spmv_swiglu", "gemv_q4", "gemv_q3"];
+const SET_OPS: &[&str] = &[
+    "spmv",
+    "spmv_norm",
+    "spmv_swiglu",
+    "gemv_q4",
+    "gemv_q3",
+    "spmm",
+];
 /// Weight bytes each measurement rotates through, so that the 50 MB L2 of an H100 serves none.
 const ROTATE_BYTES: usize = 256 << 20;
 
@@ -986,15 +993,24 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         .map(|o| o.backends)
         .unwrap_or(wgpu::Backends::empty());
     let adapters = Gpu::adapters(backends);
-    println!("| # | adapter | backend | type | driver | f16 | subgroups | timestamps |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| # | adapter | backend | type | driver | f16 | subgroups | timestamps | matrix units |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     for (i, a) in adapters.iter().enumerate() {
         println!(
-            "| {i} | {} | {:?} | {:?} | {} | {} | {} | {} |",
-            a.name, a.backend, a.device_type, a.driver, a.f16, a.subgroups, a.timestamps
+            "| {i} | {} | {:?} | {:?} | {} | {} | {} | {} | {} |",
+            a.name,
+            a.backend,
+            a.device_type,
+            a.driver,
+            a.f16,
+            a.subgroups,
+            a.timestamps,
+            a.cooperative_matrix
         );
     }
-    println!("| - | CPU path (upg::cpu) | - | - | - | - | - | - |\n");
+    println!("| - | CPU path (upg::cpu) | - | - | - | - | - | - | - |\n");
     if args.list {
         return Ok(());
     }

@@ -7,6 +7,12 @@
 //! the f64 value relative to sum |w x| (Higham 3.1), as in tests/gpu_kernels.rs. A wrong weight,
 //! column, row or token is off by far more.
 //!
+//! On the matrix units (spmm_coop.wgsl, sparse matrices where the device has cooperative matrices) each
+//! weight is rounded to f16 (relative error 2^-11, or 2^-25 absolute below f16's normal range) and x is
+//! carried as two f16 parts (relative error 2^-22, with the same floor): the bound adds
+//! 2^-11 sum |w x| + 2^-22 sum |w x| + 2^-24 sum |x| (2^-25 per weight and per x part, doubled for
+//! the cross terms) to the f32 rounding above.
+//!
 //! Without an adapter these tests print "skipped: no GPU adapter (reason)" and pass, unless
 //! UPG_REQUIRE_GPU=1 (CI), where they fail.
 
@@ -39,8 +45,9 @@ impl<'a> Residual<'a> {
     }
 }
 
-/// Exact y[t] = W x[t] (+ r[t]) in f64 from the decoded weights, and the rounding bound per entry.
-fn reference_f64(w: &Tensor, x: &[f32], n: usize, r: Residual) -> (Vec<f64>, Vec<f64>) {
+/// Exact y[t] = W x[t] (+ r[t]) in f64 from the decoded weights, and the rounding bound per entry
+/// (`f16`: operands rounded to f16 as on the matrix units, see the top).
+fn reference_f64(w: &Tensor, x: &[f32], n: usize, r: Residual, f16: bool) -> (Vec<f64>, Vec<f64>) {
     let [rows, cols] = w.shape();
     let mut decoded = vec![0.0f32; rows * cols];
     for (i, row) in decoded.chunks_mut(cols.max(1)).enumerate().take(rows) {
@@ -62,6 +69,10 @@ fn reference_f64(w: &Tensor, x: &[f32], n: usize, r: Residual) -> (Vec<f64>, Vec
                 + res.abs();
             y[o] = dot + res;
             tol[o] = gamma(cols + 64) * abs + f64::MIN_POSITIVE;
+            if f16 {
+                let x_abs: f64 = xt.iter().map(|&v| (v as f64).abs()).sum();
+                tol[o] += (2f64.powi(-11) + 2f64.powi(-22)) * abs + 2f64.powi(-24) * x_abs;
+            }
         }
     }
     (y, tol)
@@ -104,8 +115,14 @@ fn gpu_matmat(gpu: &Gpu, w: &Tensor, x: &[f32], n: usize, r: Residual) -> Vec<f3
 fn run_case(gpu: &Gpu, rng: &mut Rng, w: &Tensor, n: usize, r: bool) {
     let [rows, cols] = w.shape();
     let x = rng.normal_vec(n * cols, 1.0);
-    let what = format!("{} {:?} [{rows}, {cols}] x {n}", gpu.describe(), w.codec());
-    let (want, tol) = reference_f64(w, &x, n, Residual::None);
+    let f16 = gpu.features().cooperative_matrix && matches!(w, Tensor::Sparse(_));
+    let what = format!(
+        "{} {:?} [{rows}, {cols}] x {n}{}",
+        gpu.describe(),
+        w.codec(),
+        if f16 { " (matrix units)" } else { "" }
+    );
+    let (want, tol) = reference_f64(w, &x, n, Residual::None, f16);
     check(
         &what,
         &gpu_matmat(gpu, w, &x, n, Residual::None),
@@ -116,7 +133,7 @@ fn run_case(gpu: &Gpu, rng: &mut Rng, w: &Tensor, n: usize, r: bool) {
     if r {
         let res = rng.normal_vec(n * rows, 1.0);
         for mode in [Residual::Separate(&res), Residual::InPlace(&res)] {
-            let (want, tol) = reference_f64(w, &x, n, mode);
+            let (want, tol) = reference_f64(w, &x, n, mode, f16);
             let got = gpu_matmat(gpu, w, &x, n, mode);
             check(&format!("{what} + r"), &got, &want, &tol, rows);
         }
@@ -136,13 +153,36 @@ fn sparse(rng: &mut Rng, rows: usize, cols: usize, group: usize, encoded: bool) 
 
 /// Rows not a multiple of the 32-row tile nor of a workgroup's 128 rows, a block of fewer than 64
 /// columns, partial blocks, several scale groups; batches of 1, under one 128-token tile, exactly one,
-/// and over one.
+/// and over one. On the FMA kernel (spmm.wgsl) everywhere.
 #[test]
 fn sparse_batches_match_the_reference() {
+    let Some(gpu) = gpu_or_skip(GpuOptions {
+        cooperative_matrix: false,
+        ..GpuOptions::default()
+    }) else {
+        return;
+    };
+    sparse_cases(&gpu, "sparse_batches_match_the_reference");
+}
+
+/// The same cases on the matrix units (spmm_coop.wgsl), where the device has cooperative matrices.
+#[test]
+fn sparse_batches_on_the_matrix_units_match_the_reference() {
     let Some(gpu) = gpu_or_skip(GpuOptions::default()) else {
         return;
     };
-    let mut rng = Rng::new(test_seed("sparse_batches_match_the_reference"));
+    if !gpu.features().cooperative_matrix {
+        println!(
+            "skipped: {} has no 16x16x16 f16 cooperative matrices in 32-lane subgroups",
+            gpu.describe()
+        );
+        return;
+    }
+    sparse_cases(&gpu, "sparse_batches_on_the_matrix_units");
+}
+
+fn sparse_cases(gpu: &Gpu, name: &str) {
+    let mut rng = Rng::new(test_seed(name));
     let shapes = [
         (1, 64),
         (5, 20),
@@ -155,12 +195,12 @@ fn sparse_batches_match_the_reference() {
         for (b, &n) in [1, 3, 17, 64, 128, 130].iter().enumerate() {
             let group = [64, 128][(s + b) % 2];
             let w = sparse(&mut rng, rows, cols, group, (s + b) % 3 == 0);
-            run_case(&gpu, &mut rng, &w, n, b == 2);
+            run_case(gpu, &mut rng, &w, n, b == 2);
         }
     }
     // Several token tiles and row groups at once.
     let w = sparse(&mut rng, 300, 200, 128, true);
-    run_case(&gpu, &mut rng, &w, 260, true);
+    run_case(gpu, &mut rng, &w, 260, true);
 }
 
 #[test]

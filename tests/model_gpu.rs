@@ -11,6 +11,10 @@ use upg::model::{Checkpoint, CodecPlan, Cpu, GpuBackend, HostWeights, Phi3, Samp
 
 /// Same bound as the CPU test: f32 arithmetic in another order than PyTorch's.
 const LOGIT_TOL: f64 = 1e-4;
+/// Batched prefill on the matrix units (spmm_coop.wgsl) rounds every weight of the linear layers to f16
+/// (relative error up to 2^-11 each), which the logits carry through the layers: 2.15e-3 measured on an
+/// H100 (phi3-tiny, batch 7). A wrong weight, row or token moves logits by far more.
+const MATRIX_UNIT_LOGIT_TOL: f64 = 5e-3;
 
 fn load_gpu(name: &str, plan: &CodecPlan, ctx: usize, kv_f16: bool) -> Option<Phi3<GpuBackend>> {
     let gpu = gpu_or_skip(GpuOptions::default())?;
@@ -237,26 +241,32 @@ fn gpu_batched_prefill_matches_the_cpu_and_single_positions() {
         .map(|&v| v as f64)
         .collect();
     let mut single = Vec::new();
+    let Some(units) = gpu_or_skip(GpuOptions::default()).map(|g| g.features().cooperative_matrix)
+    else {
+        return;
+    };
     for batch in [1, 7, 64] {
         let Some(mut gpu) = load_gpu_batch("phi3-tiny", &plan, 64, false, batch) else {
             return;
         };
         let got = gpu.forward_all(&prompt).unwrap();
         let (err, pos) = worst_row_rel_error(&got, &want, vocab);
+        let tol = if units && batch > 1 {
+            MATRIX_UNIT_LOGIT_TOL
+        } else {
+            LOGIT_TOL
+        };
         println!(
-            "batch {batch}, {} positions: GPU vs CPU worst relative error {err:.2e} at position {pos}",
+            "batch {batch}, {} positions: GPU vs CPU worst relative error {err:.2e} at position {pos} (bound {tol:.0e})",
             prompt.len()
         );
-        assert!(err <= LOGIT_TOL, "batch {batch}: position {pos}: {err:.2e}");
+        assert!(err <= tol, "batch {batch}: position {pos}: {err:.2e}");
         if batch == 1 {
             single = got.iter().map(|&v| v as f64).collect();
         } else {
             // Same weights and caches, the products summed in another order.
             let (err, pos) = worst_row_rel_error(&got, &single, vocab);
-            assert!(
-                err <= LOGIT_TOL,
-                "batch {batch} vs 1: position {pos}: {err:.2e}"
-            );
+            assert!(err <= tol, "batch {batch} vs 1: position {pos}: {err:.2e}");
         }
         gpu.reset();
         gpu.forward(&prompt).unwrap();

@@ -4,7 +4,8 @@
 //! Adapter choice: all backends, highest performance first (discrete, integrated, virtual, software);
 //! `UPG_BACKEND=vulkan|metal|dx12|gl|cpu` restricts the backend (`cpu` asks for the CPU path: no GPU),
 //! `UPG_ADAPTER=<substring>` picks an adapter by name, `UPG_DEVICE_MEMORY_MIB=<n>` plans with n MiB of
-//! device memory instead of what the driver reports (to see how a model fits a smaller GPU).
+//! device memory instead of what the driver reports (to see how a model fits a smaller GPU),
+//! `UPG_COOPERATIVE_MATRIX=0` leaves the matrix units (cooperative matrices) unused.
 //!
 //! Faults: errors that no error scope catches (they would otherwise abort inside wgpu) and the loss of
 //! the device are kept and returned by the next call that submits or waits, so a caller always gets
@@ -34,6 +35,9 @@ pub struct GpuOptions {
     pub f16: bool,
     pub subgroups: bool,
     pub timestamps: bool,
+    /// Use the matrix units (wgpu's experimental cooperative matrices, 16 x 16 x 16 f16 -> f32) for
+    /// the batched product when the adapter has them with 32-lane subgroups.
+    pub cooperative_matrix: bool,
     /// wgpu's shader bounds checks and loop bounding; off skips them in kernels whose indices are in
     /// range by construction of the upload layout.
     pub runtime_checks: bool,
@@ -54,6 +58,7 @@ impl Default for GpuOptions {
             f16: true,
             subgroups: true,
             timestamps: true,
+            cooperative_matrix: true,
             runtime_checks: true,
             limits: LimitOverrides::default(),
             overrides: Vec::new(),
@@ -82,6 +87,19 @@ impl GpuOptions {
             };
         }
         opts.adapter = std::env::var("UPG_ADAPTER").ok().filter(|s| !s.is_empty());
+        if let Ok(v) = std::env::var("UPG_COOPERATIVE_MATRIX") {
+            opts.cooperative_matrix = match v.trim() {
+                "0" => false,
+                "1" => true,
+                _ => {
+                    return Err(GpuError::BadEnv {
+                        var: "UPG_COOPERATIVE_MATRIX",
+                        value: v.clone(),
+                        expected: "0 (leave the matrix units unused) or 1",
+                    })
+                }
+            };
+        }
         if let Ok(mib) = std::env::var("UPG_DEVICE_MEMORY_MIB") {
             let bytes = mib
                 .trim()
@@ -110,6 +128,9 @@ pub struct AdapterSummary {
     pub f16: bool,
     pub subgroups: bool,
     pub timestamps: bool,
+    /// 16 x 16 x 16 f16 -> f32 cooperative matrices in 32-lane subgroups (the batched product's
+    /// matrix-unit kernel).
+    pub cooperative_matrix: bool,
 }
 
 /// The limits the launchers plan with: the device's, lowered by any [`LimitOverrides`].
@@ -145,6 +166,8 @@ pub struct Features {
     pub timestamps: bool,
     /// Timestamps between the dispatches of a compute pass (the per-op profile of GpuBackend).
     pub timestamps_in_passes: bool,
+    /// Cooperative matrices of 16 x 16 x 16, f16 -> f32, in 32-lane subgroups (spmm_coop.wgsl).
+    pub cooperative_matrix: bool,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -217,7 +240,23 @@ fn summary(a: &wgpu::Adapter) -> AdapterSummary {
         f16: f.contains(wgpu::Features::SHADER_F16),
         subgroups: f.contains(wgpu::Features::SUBGROUP),
         timestamps: f.contains(wgpu::Features::TIMESTAMP_QUERY),
+        cooperative_matrix: has_coop(a),
     }
+}
+
+/// Whether the adapter multiplies 16 x 16 x 16 f16 matrices into f32 cooperatively in subgroups of
+/// exactly 32 lanes (spmm_coop.wgsl assigns its work by 32-lane subgroup).
+fn has_coop(a: &wgpu::Adapter) -> bool {
+    let info = a.get_info();
+    a.features()
+        .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+        && info.subgroup_min_size == 32
+        && info.subgroup_max_size == 32
+        && a.cooperative_matrix_properties().iter().any(|p| {
+            (p.m_size, p.n_size, p.k_size) == (16, 16, 16)
+                && p.ab_type == wgpu::CooperativeScalarType::F16
+                && p.cr_type == wgpu::CooperativeScalarType::F32
+        })
 }
 
 impl Gpu {
@@ -271,12 +310,26 @@ impl Gpu {
         if want.contains(wgpu::Features::TIMESTAMP_QUERY) && have.contains(inside) {
             want |= inside;
         }
+        let coop = opts.cooperative_matrix
+            && want.contains(wgpu::Features::SHADER_F16)
+            && has_coop(&adapter);
+        if coop {
+            want |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
+        let experimental = if coop {
+            // SAFETY: wgpu's experimental features may have bugs; the one used, cooperative matrices,
+            // runs only spmm_coop.wgsl, whose results the tests check against the CPU on a device
+            // that has them, and UPG_COOPERATIVE_MATRIX=0 turns it off.
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("upg"),
             required_features: want,
             required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            experimental_features: experimental,
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
@@ -350,6 +403,7 @@ impl Gpu {
                 subgroups: want.contains(wgpu::Features::SUBGROUP),
                 timestamps: want.contains(wgpu::Features::TIMESTAMP_QUERY),
                 timestamps_in_passes: want.contains(inside),
+                cooperative_matrix: coop,
             },
             device,
             queue,

@@ -29,6 +29,7 @@ pub enum Kernel {
     Argmax,
     Embed,
     Spmm,
+    SpmmCoop,
 }
 
 /// How a kernel uses one binding of group 0.
@@ -71,7 +72,7 @@ impl Variant {
 use Binding::{Read, ReadWrite, Uniform};
 
 impl Kernel {
-    pub const ALL: [Kernel; 19] = [
+    pub const ALL: [Kernel; 20] = [
         Kernel::Copy,
         Kernel::Spmv,
         Kernel::Decompress,
@@ -91,6 +92,7 @@ impl Kernel {
         Kernel::Argmax,
         Kernel::Embed,
         Kernel::Spmm,
+        Kernel::SpmmCoop,
     ];
 
     /// Whether every loop of the kernel runs a count fixed before it starts, so that wgpu's loop
@@ -99,8 +101,20 @@ impl Kernel {
     pub fn loops_end(self) -> bool {
         matches!(
             self,
-            Kernel::Spmv | Kernel::Decompress | Kernel::GemvQ4 | Kernel::GemvQ3 | Kernel::Spmm
+            Kernel::Spmv
+                | Kernel::Decompress
+                | Kernel::GemvQ4
+                | Kernel::GemvQ3
+                | Kernel::Spmm
+                | Kernel::SpmmCoop
         )
+    }
+
+    /// Whether the kernel uses cooperative matrices (wgpu's experimental feature, Vulkan's
+    /// VK_KHR_cooperative_matrix): it is built only with f16, only where the device has them, and only
+    /// SPIR-V has 16 x 16 matrices (naga's MSL has 8 x 8 simdgroup matrices, HLSL and GLSL none).
+    pub fn cooperative(self) -> bool {
+        self == Kernel::SpmmCoop
     }
 
     /// Whether the file declares the override constant `name`.
@@ -134,6 +148,7 @@ impl Kernel {
             Kernel::Argmax => "argmax.wgsl",
             Kernel::Embed => "embed.wgsl",
             Kernel::Spmm => "spmm.wgsl",
+            Kernel::SpmmCoop => "spmm_coop.wgsl",
         }
     }
 
@@ -159,6 +174,7 @@ impl Kernel {
             Kernel::Argmax => include_str!("../../wgsl/argmax.wgsl"),
             Kernel::Embed => include_str!("../../wgsl/embed.wgsl"),
             Kernel::Spmm => include_str!("../../wgsl/spmm.wgsl"),
+            Kernel::SpmmCoop => include_str!("../../wgsl/spmm_coop.wgsl"),
         }
     }
 
@@ -182,7 +198,9 @@ impl Kernel {
             Kernel::Add => &[Uniform, ReadWrite, Read],
             Kernel::Argmax => &[Uniform, Read, ReadWrite],
             Kernel::Embed => &[Uniform, Read, Read, ReadWrite, Read],
-            Kernel::Spmm => &[Uniform, Read, Read, Read, Read, Read, ReadWrite, Read],
+            Kernel::Spmm | Kernel::SpmmCoop => {
+                &[Uniform, Read, Read, Read, Read, Read, ReadWrite, Read]
+            }
         }
     }
 

@@ -1,4 +1,6 @@
-//! The batched product of prefill (wgsl/spmm.wgsl): y[t] = W x[t] for n rows of x at once, any codec.
+//! The batched product of prefill: y[t] = W x[t] for n rows of x at once. Sparse matrices go to the
+//! matrix units (wgsl/spmm_coop.wgsl) where the device has cooperative matrices, everything else to
+//! f32 FMA tiles (wgsl/spmm.wgsl), any codec.
 
 use super::buffers::GpuVector;
 use super::context::Gpu;
@@ -11,6 +13,9 @@ const ROW_TILE: usize = 128;
 const BATCH_TILE: usize = 128;
 /// Workgroup memory of spmm.wgsl: the W tile and the x tile, 16 KiB each.
 const TILE_BYTES: u32 = 32 << 10;
+/// spmm_coop.wgsl: 128 rows of W by 64 tokens a workgroup, 44 KiB of workgroup memory.
+const COOP_BATCH_TILE: usize = 64;
+const COOP_TILE_BYTES: u32 = 45056;
 
 fn word(v: usize, what: &str) -> Result<u32> {
     u32::try_from(v).map_err(|_| {
@@ -73,6 +78,9 @@ impl Gpu {
         }
         word(n * w.cols.max(w.rows), "n x row length")?;
         let blocks = w.cols.div_ceil(64);
+        let coop = self.features().cooperative_matrix
+            && matches!(w.layout, Layout::Sparse { .. })
+            && self.limits().max_workgroup_storage_bytes >= COOP_TILE_BYTES;
         let (codec, a, b, group) = match w.layout {
             Layout::Sparse {
                 groups,
@@ -88,12 +96,27 @@ impl Gpu {
                 ))
             }
         };
-        let constants = [
-            ("CODEC", codec),
-            (group.0, group.1 as f64),
-            ("RESIDUAL", mode),
-        ];
-        let (pipeline, layout) = self.pipeline(Kernel::Spmm, &constants)?;
+        let (kernel, batch_tile, mut constants) = if coop {
+            (
+                Kernel::SpmmCoop,
+                COOP_BATCH_TILE,
+                vec![(group.0, group.1 as f64)],
+            )
+        } else {
+            (
+                Kernel::Spmm,
+                BATCH_TILE,
+                vec![("CODEC", codec), (group.0, group.1 as f64)],
+            )
+        };
+        constants.push(("RESIDUAL", mode));
+        // Bench knob: spmm_coop's X_LO.
+        for (name, v) in self.overrides.iter().filter(|o| kernel.declares(&o.0)) {
+            if !constants.iter().any(|c| c.0 == name) {
+                constants.push((name, *v));
+            }
+        }
+        let (pipeline, layout) = self.pipeline(kernel, &constants)?;
         for c in &w.chunks {
             if c.rows == 0 {
                 continue;
@@ -128,7 +151,7 @@ impl Gpu {
             );
             buffers.extend([&x.buffer, &y.buffer, res]);
             let bind = self.bind(&layout, &buffers)?;
-            let groups = row_groups as u64 * n.div_ceil(BATCH_TILE) as u64;
+            let groups = row_groups as u64 * n.div_ceil(batch_tile) as u64;
             let (gx, gy) = self.grid(groups)?;
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &bind, &[]);

@@ -1,0 +1,236 @@
+// spmm_coop: Y = X W^T (+ R) for a batch of n rows of x (prefill), W sparse (spmv.wgsl's GPU layout), on
+// the matrix units (tensor cores) through cooperative matrices: f16 operands, f32 accumulation.
+//
+//   y[t * y_cols + row0 + i] = sum_c W[i, c] * x[t * cols + c]   for t < n and the chunk's rows i
+//                              (+ res[same index] when RESIDUAL == 1, + y[same index] when RESIDUAL == 2)
+//
+// Same job and bindings as spmm.wgsl (its FMA tiles reach ~30% of the f32 rate; an H100's f16 matrix
+// units do ~6x that rate). A workgroup owns 128 rows of the chunk and 64 tokens. For each 64-column block
+// of W it
+//   1. zeroes ws and stages x[its tokens][the block's 64 columns] in xh and xl as [token][column]: x =
+//      xh + xl, both f16 (xh = f16(x), xl = f16(x - xh): about 22 significant bits of x survive, so the
+//      error is the weights' f16 rounding alone); tokens >= n and columns >= cols are staged as 0;
+//   2. decodes W[its rows][the block] into ws as [row][column], f16 scale * (2 code - 15), zeros
+//      included: thread (r = li % 128, h = li / 128) walks half h of row r's rotated mask (columns
+//      (rot + 32 h + p) & 63, its 16 kept weights in spmv's walk order) and stores them;
+//   3. multiplies: subgroup s (of 8) owns rows 32 (s % 4) .. + 31 and tokens 32 (s / 4) .. + 31, four
+//      16 x 16 f32 accumulators, and adds ws[rows][16 k ..] * (xh + xl)[16 k ..][tokens] for the four
+//      16-column steps k (two products each: xh and xl).
+// At the end each subgroup stores its accumulators, one at a time, through its 16 x 16 slice of cs, and
+// its lanes write the rows and tokens in range (adding the residual).
+// Error: |y~ - y| <= 2^-11 sum |W x| (f16 rounding of each weight; f16 subnormal weights add at most
+// 2^-25 |x| each) plus f32 accumulation. x beyond f16's range (|x| > 65504) would overflow: the launcher
+// only sends activations (normed or products of them).
+//
+// Bindings (group 0), as spmm.wgsl:
+//   0  uniform            params: Params (below)
+//   1  storage, read      p0:  array<u32>  masks (2 words a record, spmv.wgsl's layout)
+//   2  storage, read      p1:  array<u32>  codes (4 words a record)
+//   3  storage, read      p2:  array<u32>  rotations (one byte a record)
+//   4  storage, read      p3:  array<u32>  f16 scale pairs, [(tile * params.b + g) * 32 + lane]
+//   5  storage, read      x:   array<f32>  [n, cols]
+//   6  storage, read_write y:   array<f32>  [n, y_cols]; the chunk's rows at row0 ..
+//   7  storage, read      res: array<f32>  like y, read only when RESIDUAL == 1
+// Workgroup: 256 threads in subgroups of 32 (the launcher checks the adapter's subgroup size);
+// 44 KiB of workgroup memory.
+// Dispatch: row_groups * ceil(n / 64) workgroups, (x, y) with id = x + y * num_workgroups.x when over
+// 65535; row group id % row_groups, token tile id / row_groups.
+// Every loop runs a count fixed before it starts and every index stays inside its binding (the launcher
+// checks the shapes), so the launcher builds this kernel without wgpu's loop bounding.
+// Features: shader-f16 and wgpu's experimental cooperative matrices (16 x 16 x 16, f16 -> f32): Vulkan
+// with VK_KHR_cooperative_matrix. Where they are missing the launcher uses spmm.wgsl.
+
+enable f16;
+enable wgpu_cooperative_matrix;
+
+struct Params {
+    rows: u32,       // rows of this chunk
+    cols: u32,       // columns of W = length of an x row
+    row0: u32,       // index of the chunk's first row in a y row
+    y_cols: u32,     // length of a y row (all rows of W)
+    n: u32,          // x rows (tokens)
+    row_groups: u32, // workgroups along the chunk's rows: ceil(rows / 128)
+    blocks: u32,     // 64-column blocks: ceil(cols / 64)
+    a: u32,          // 32-row tiles in the chunk
+    b: u32,          // scale groups a row
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+override GROUP_BLOCKS: u32 = 2u; // 64-column blocks per scale group
+override RESIDUAL: u32 = 0u;
+override X_LO: u32 = 1u;         // 0: x as f16 alone (one product per step instead of two)
+const BM: u32 = 128u;            // rows per workgroup
+const BN: u32 = 64u;             // tokens per workgroup
+const WG: u32 = 256u;
+const LD: u32 = 72u;             // row stride of ws, xh, xl: 64 columns + 8, so that the 16-byte rows
+                                 // of a matrix load fall in different banks
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> p0: array<u32>;
+@group(0) @binding(2) var<storage, read> p1: array<u32>;
+@group(0) @binding(3) var<storage, read> p2: array<u32>;
+@group(0) @binding(4) var<storage, read> p3: array<u32>;
+@group(0) @binding(5) var<storage, read> x: array<f32>;
+@group(0) @binding(6) var<storage, read_write> y: array<f32>;
+@group(0) @binding(7) var<storage, read> res: array<f32>;
+
+var<workgroup> ws: array<f16, 9216>; // [128 rows][LD]
+var<workgroup> xh: array<f16, 4608>; // [64 tokens][LD]
+var<workgroup> xl: array<f16, 4608>;
+var<workgroup> cs: array<f32, 2048>; // [8 subgroups][16 x 16], column-major
+
+// One block of the sparse layout for thread (r, h): its mask half, the half's two code words, the
+// block's rotation and scale. `live` is false for rows past the chunk's last tile.
+struct Record {
+    mask: u32,
+    c0: u32,
+    c1: u32,
+    rot: u32,
+    scale: f32,
+    live: bool,
+}
+
+fn load_record(rg: u32, b: u32, r: u32, h: u32) -> Record {
+    let tile = rg * (BM / 32u) + r / 32u;
+    if tile >= params.a {
+        return Record(0u, 0u, 0u, 0u, 0.0, false);
+    }
+    let lane = r % 32u;
+    let rec = (tile * params.blocks + b) * 32u + lane;
+    let rot = (p2[rec / 4u] >> ((rec % 4u) * 8u)) & 31u;
+    let si = (tile * params.b + b / GROUP_BLOCKS) * 32u + lane;
+    let scale = unpack2x16float(p3[si / 2u])[si % 2u];
+    return Record(p0[2u * rec + h], p1[4u * rec + 2u * h], p1[4u * rec + 2u * h + 1u], rot, scale, true);
+}
+
+// The levels 2c - 15 of codes j and j + 4 of word w, as in spmv.wgsl.
+fn levels(w: u32, j: u32) -> vec2<f32> {
+    let l = (((w >> (4u * j)) << 1u) & 0x001E001Eu) | 0x64006400u;
+    return unpack2x16float(l) - vec2<f32>(1039.0);
+}
+
+// Eight steps of the walk (codes of word w), from the mask's highest set bit down, into row `at` of ws.
+fn walk8(mask: u32, w: u32, base: u32, at: u32, scale: f32) -> u32 {
+    var m = mask;
+    for (var j = 0u; j < 4u; j++) {
+        let v = vec2<f16>(levels(w, j) * scale);
+        var p = firstLeadingBit(m);
+        m ^= 1u << p;
+        ws[at + ((base + p) & 63u)] = v.x;
+        p = firstLeadingBit(m);
+        m ^= 1u << p;
+        ws[at + ((base + p) & 63u)] = v.y;
+    }
+    return m;
+}
+
+fn x_at(t: u32, c: u32) -> f32 {
+    if t < params.n && c < params.cols {
+        return x[t * params.cols + c];
+    }
+    return 0.0;
+}
+
+fn store(t: u32, r: u32, v: f32) {
+    if t < params.n && r < params.rows {
+        let i = t * params.y_cols + params.row0 + r;
+        var s = v;
+        if RESIDUAL == 1u {
+            s += res[i];
+        } else if RESIDUAL == 2u {
+            s += y[i];
+        }
+        y[i] = s;
+    }
+}
+
+// Accumulator c (rows r0 .. + 15, tokens t0 .. + 15) out through subgroup s's slice of cs. Call from
+// uniform control flow.
+fn put(c: coop_mat16x16<f32, C>, s: u32, lane: u32, r0: u32, t0: u32) {
+    coopStore(c, &cs[256u * s], 16u);
+    workgroupBarrier();
+    for (var e = 0u; e < 8u; e++) {
+        let i = lane + 32u * e;
+        store(t0 + i / 16u, r0 + i % 16u, cs[256u * s + i]);
+    }
+    workgroupBarrier();
+}
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(local_invocation_index) li: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let id = wg.x + wg.y * nwg.x;
+    if id >= params.row_groups * ((params.n + BN - 1u) / BN) {
+        return;
+    }
+    let rg = id % params.row_groups;
+    let tok0 = (id / params.row_groups) * BN;
+    let r = li % BM;
+    let h = li / BM;
+    let s = li / 32u;
+    let rs = 32u * (s % 4u); // the subgroup's rows and tokens in the tile
+    let ts = 32u * (s / 4u);
+
+    var c00 = coop_mat16x16<f32, C>();
+    var c01 = coop_mat16x16<f32, C>();
+    var c10 = coop_mat16x16<f32, C>();
+    var c11 = coop_mat16x16<f32, C>();
+
+    for (var b = 0u; b < params.blocks; b++) {
+        let rec = load_record(rg, b, r, h);
+        workgroupBarrier();
+        // 1. zero ws (36 entries a thread) and stage x (16 a thread: column li % 64, 64 threads read a
+        // row's 256 contiguous bytes)
+        for (var j = 0u; j < 36u; j++) {
+            ws[li + WG * j] = 0.0h;
+        }
+        let k = li % 64u;
+        for (var j = 0u; j < 16u; j++) {
+            let t = li / 64u + 4u * j;
+            let v = x_at(tok0 + t, b * 64u + k);
+            let hi = f16(v);
+            xh[t * LD + k] = hi;
+            xl[t * LD + k] = f16(v - f32(hi));
+        }
+        workgroupBarrier();
+        // 2. this thread's 16 kept weights of the block
+        if rec.live {
+            let base = rec.rot + 32u * h;
+            let m = walk8(rec.mask, rec.c0, base, r * LD, rec.scale);
+            walk8(m, rec.c1, base, r * LD, rec.scale);
+        }
+        workgroupBarrier();
+        // 3. four 16-column steps
+        for (var kk = 0u; kk < 64u; kk += 16u) {
+            let a0 = coopLoadT<coop_mat16x16<f16, A>>(&ws[rs * LD + kk], LD);
+            let a1 = coopLoadT<coop_mat16x16<f16, A>>(&ws[(rs + 16u) * LD + kk], LD);
+            let b0 = coopLoad<coop_mat16x16<f16, B>>(&xh[ts * LD + kk], LD);
+            let b1 = coopLoad<coop_mat16x16<f16, B>>(&xh[(ts + 16u) * LD + kk], LD);
+            c00 = coopMultiplyAdd(a0, b0, c00);
+            c01 = coopMultiplyAdd(a0, b1, c01);
+            c10 = coopMultiplyAdd(a1, b0, c10);
+            c11 = coopMultiplyAdd(a1, b1, c11);
+            if X_LO == 1u {
+                let l0 = coopLoad<coop_mat16x16<f16, B>>(&xl[ts * LD + kk], LD);
+                let l1 = coopLoad<coop_mat16x16<f16, B>>(&xl[(ts + 16u) * LD + kk], LD);
+                c00 = coopMultiplyAdd(a0, l0, c00);
+                c01 = coopMultiplyAdd(a0, l1, c01);
+                c10 = coopMultiplyAdd(a1, l0, c10);
+                c11 = coopMultiplyAdd(a1, l1, c11);
+            }
+        }
+    }
+
+    let lane = li % 32u;
+    let r0 = rg * BM + rs;
+    let t0 = tok0 + ts;
+    put(c00, s, lane, r0, t0);
+    put(c01, s, lane, r0, t0 + 16u);
+    put(c10, s, lane, r0 + 16u, t0);
+    put(c11, s, lane, r0 + 16u, t0 + 16u);
+}
