@@ -165,20 +165,26 @@ fn sparse_batches_match_the_reference() {
     sparse_cases(&gpu, "sparse_batches_match_the_reference");
 }
 
-/// The same cases on the matrix units (spmm_coop.wgsl), where the device has cooperative matrices.
+/// The same cases on the matrix units (spmm_coop.wgsl), where the device has cooperative matrices,
+/// with workgroups of 64 and of 128 tokens.
 #[test]
 fn sparse_batches_on_the_matrix_units_match_the_reference() {
-    let Some(gpu) = gpu_or_skip(GpuOptions::default()) else {
-        return;
-    };
-    if !gpu.features().cooperative_matrix {
-        println!(
-            "skipped: {} has no 16x16x16 f16 cooperative matrices in 32-lane subgroups",
-            gpu.describe()
-        );
-        return;
+    for bn in [64.0, 128.0] {
+        let Some(gpu) = gpu_or_skip(GpuOptions {
+            overrides: vec![("BN".into(), bn)],
+            ..GpuOptions::default()
+        }) else {
+            return;
+        };
+        if !gpu.features().cooperative_matrix {
+            println!(
+                "skipped: {} has no 16x16x16 f16 cooperative matrices in 32-lane subgroups",
+                gpu.describe()
+            );
+            return;
+        }
+        sparse_cases(&gpu, &format!("sparse_batches_on_the_matrix_units BN={bn}"));
     }
-    sparse_cases(&gpu, "sparse_batches_on_the_matrix_units");
 }
 
 fn sparse_cases(gpu: &Gpu, name: &str) {

@@ -2,8 +2,9 @@
 //! validates, and translates with naga to SPIR-V (Vulkan), MSL (Metal), HLSL (DX12) and GLSL (GL), so
 //! that a shader that would not build on one backend fails here, on any machine. The f16 variants skip
 //! GLSL: wgpu's GL backend never offers shader-f16, and naga 30's GLSL writer has no 16-bit floats.
-//! Kernels on cooperative matrices (`Kernel::cooperative`) exist only in their f16 variants and only
-//! for SPIR-V: naga 30 writes 16 x 16 cooperative matrices for Vulkan alone.
+//! Kernels that require f16 (`Kernel::requires_f16`) exist only in their f16 variants; those on
+//! cooperative matrices (`Kernel::cooperative`) only for SPIR-V: naga 30 writes 16 x 16 cooperative
+//! matrices for Vulkan alone.
 
 use naga::back::pipeline_constants::process_overrides;
 use naga::valid::{
@@ -71,7 +72,7 @@ fn override_sets(k: Kernel) -> Vec<Vec<(&'static str, f64)>> {
         Kernel::SpmmCoop => vec![
             vec![],
             vec![("GROUP_BLOCKS", 4.0), ("RESIDUAL", 1.0)],
-            vec![("X_LO", 0.0), ("RESIDUAL", 2.0)],
+            vec![("X_LO", 0.0), ("RESIDUAL", 2.0), ("BN", 64.0)],
         ],
         Kernel::Copy
         | Kernel::Rmsnorm
@@ -79,7 +80,8 @@ fn override_sets(k: Kernel) -> Vec<Vec<(&'static str, f64)>> {
         | Kernel::SiluMul
         | Kernel::Add
         | Kernel::Argmax
-        | Kernel::AttentionCombine => vec![vec![]],
+        | Kernel::AttentionCombine
+        | Kernel::SplitF16 => vec![vec![]],
     }
 }
 
@@ -184,7 +186,7 @@ fn every_kernel_variant_translates_to_every_backend() {
     for k in Kernel::ALL {
         for v in Variant::ALL
             .into_iter()
-            .filter(|v| v.f16 || !k.cooperative())
+            .filter(|v| v.f16 || !k.requires_f16())
         {
             let src = k.variant_source(v).unwrap();
             let module = naga::front::wgsl::parse_str(&src)
@@ -209,9 +211,9 @@ fn every_kernel_variant_translates_to_every_backend() {
 
 #[test]
 fn variants_without_a_feature_do_not_need_it() {
-    // The f32 / non-subgroup builds must validate on an adapter that has neither feature (kernels on
-    // cooperative matrices have no such build: their launchers use other kernels there).
-    for k in Kernel::ALL.into_iter().filter(|k| !k.cooperative()) {
+    // The f32 / non-subgroup builds must validate on an adapter that has neither feature (kernels that
+    // require f16 have no such build: their launchers use other kernels there).
+    for k in Kernel::ALL.into_iter().filter(|k| !k.requires_f16()) {
         let plain = k.variant_source(Variant::default()).unwrap();
         let module = naga::front::wgsl::parse_str(&plain).unwrap();
         validate(&module, capabilities(k, Variant::default()))

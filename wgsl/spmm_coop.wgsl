@@ -4,36 +4,38 @@
 //   y[t * y_cols + row0 + i] = sum_c W[i, c] * x[t * cols + c]   for t < n and the chunk's rows i
 //                              (+ res[same index] when RESIDUAL == 1, + y[same index] when RESIDUAL == 2)
 //
-// Same job and bindings as spmm.wgsl (its FMA tiles reach ~30% of the f32 rate; an H100's f16 matrix
-// units do ~6x that rate). A workgroup owns 128 rows of the chunk and 64 tokens. For each 64-column block
-// of W it
-//   1. zeroes ws and stages x[its tokens][the block's 64 columns] in xh and xl as [token][column]: x =
-//      xh + xl, both f16 (xh = f16(x), xl = f16(x - xh): about 22 significant bits of x survive, so the
-//      error is the weights' f16 rounding alone); tokens >= n and columns >= cols are staged as 0;
-//   2. decodes W[its rows][the block] into ws as [row][column], f16 scale * (2 code - 15), zeros
-//      included: thread (r = li % 128, h = li / 128) walks half h of row r's rotated mask (columns
-//      (rot + 32 h + p) & 63, its 16 kept weights in spmv's walk order) and stores them;
-//   3. multiplies: subgroup s (of 8) owns rows 32 (s % 4) .. + 31 and tokens 32 (s / 4) .. + 31, four
-//      16 x 16 f32 accumulators, and adds ws[rows][16 k ..] * (xh + xl)[16 k ..][tokens] for the four
-//      16-column steps k (two products each: xh and xl).
+// Same job as spmm.wgsl (its FMA tiles reach ~30% of the f32 rate; an H100's f16 matrix units do ~6x
+// that rate). x comes split into two f16 parts by split_f16.wgsl: x = xh + xl keeps about 22 bits, so
+// the error is the weights' f16 rounding alone. A workgroup owns 128 rows of the chunk and BN tokens
+// (128; 64 is a bench and test knob).
+// For each 64-column block of W it
+//   1. zeroes ws, then decodes W[its rows][the block] into it as [row][column], f16 scale * (2 code -
+//      15), zeros included: thread (r = li % 128, h = li / 128) walks half h of row r's rotated mask
+//      (columns (rot + 32 h + p) & 63, its 16 kept weights in spmv's walk order) and stores them. The
+//      block is decoded once for BN tokens: decoding is what the matrix units leave to the ALUs;
+//   2. for each 32-column half of the block: stages xh and xl [its tokens][the half's columns] (tokens
+//      >= n and columns >= cols as 0), then subgroup s (of 8) adds, for the two 16-column steps,
+//      ws[its 32 rows][step] * (xh + xl)[step][its BN / 2 tokens] into 2 x BN / 32 16 x 16 f32
+//      accumulators (rows 32 (s % 4) .., tokens BN / 2 (s / 4) ..; two products a tile and step: xh
+//      and xl).
 // At the end each subgroup stores its accumulators, one at a time, through its 16 x 16 slice of cs, and
 // its lanes write the rows and tokens in range (adding the residual).
 // Error: |y~ - y| <= 2^-11 sum |W x| (f16 rounding of each weight; f16 subnormal weights add at most
 // 2^-25 |x| each) plus f32 accumulation. x beyond f16's range (|x| > 65504) would overflow: the launcher
 // only sends activations (normed or products of them).
 //
-// Bindings (group 0), as spmm.wgsl:
+// Bindings (group 0), as spmm.wgsl but for x:
 //   0  uniform            params: Params (below)
 //   1  storage, read      p0:  array<u32>  masks (2 words a record, spmv.wgsl's layout)
 //   2  storage, read      p1:  array<u32>  codes (4 words a record)
 //   3  storage, read      p2:  array<u32>  rotations (one byte a record)
 //   4  storage, read      p3:  array<u32>  f16 scale pairs, [(tile * params.b + g) * 32 + lane]
-//   5  storage, read      x:   array<f32>  [n, cols]
+//   5  storage, read      x:   array<f16>  [2, n, cols]: the high parts of x, then the low parts
 //   6  storage, read_write y:   array<f32>  [n, y_cols]; the chunk's rows at row0 ..
 //   7  storage, read      res: array<f32>  like y, read only when RESIDUAL == 1
 // Workgroup: 256 threads in subgroups of 32 (the launcher checks the adapter's subgroup size);
-// 44 KiB of workgroup memory.
-// Dispatch: row_groups * ceil(n / 64) workgroups, (x, y) with id = x + y * num_workgroups.x when over
+// 46 KiB of workgroup memory at BN = 128.
+// Dispatch: row_groups * ceil(n / BN) workgroups, (x, y) with id = x + y * num_workgroups.x when over
 // 65535; row group id % row_groups, token tile id / row_groups.
 // Every loop runs a count fixed before it starts and every index stays inside its binding (the launcher
 // checks the shapes), so the launcher builds this kernel without wgpu's loop bounding.
@@ -62,23 +64,25 @@ override GROUP_BLOCKS: u32 = 2u; // 64-column blocks per scale group
 override RESIDUAL: u32 = 0u;
 override X_LO: u32 = 1u;         // 0: x as f16 alone (one product per step instead of two)
 const BM: u32 = 128u;            // rows per workgroup
-const BN: u32 = 64u;             // tokens per workgroup
+override BN: u32 = 128u;         // tokens per workgroup: 128 or 64
 const WG: u32 = 256u;
-const LD: u32 = 72u;             // row stride of ws, xh, xl: 64 columns + 8, so that the 16-byte rows
-                                 // of a matrix load fall in different banks
+// Row strides of ws (64 columns) and of xh, xl (32): 8 more, so that the 16-byte rows of a matrix
+// load fall in different banks.
+const LD: u32 = 72u;
+const LDX: u32 = 40u;
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> p0: array<u32>;
 @group(0) @binding(2) var<storage, read> p1: array<u32>;
 @group(0) @binding(3) var<storage, read> p2: array<u32>;
 @group(0) @binding(4) var<storage, read> p3: array<u32>;
-@group(0) @binding(5) var<storage, read> x: array<f32>;
+@group(0) @binding(5) var<storage, read> x: array<f16>;
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
 @group(0) @binding(7) var<storage, read> res: array<f32>;
 
 var<workgroup> ws: array<f16, 9216>; // [128 rows][LD]
-var<workgroup> xh: array<f16, 4608>; // [64 tokens][LD]
-var<workgroup> xl: array<f16, 4608>;
+var<workgroup> xh: array<f16, BN * LDX>; // [BN tokens][LDX]
+var<workgroup> xl: array<f16, BN * LDX>;
 var<workgroup> cs: array<f32, 2048>; // [8 subgroups][16 x 16], column-major
 
 // One block of the sparse layout for thread (r, h): its mask half, the half's two code words, the
@@ -126,11 +130,24 @@ fn walk8(mask: u32, w: u32, base: u32, at: u32, scale: f32) -> u32 {
     return m;
 }
 
-fn x_at(t: u32, c: u32) -> f32 {
-    if t < params.n && c < params.cols {
-        return x[t * params.cols + c];
+// Columns col0 .. + 31 of the block for the workgroup's tokens into xh and xl: column li % 32 of
+// tokens li / 32 + 8 j (32 lanes read 64 contiguous bytes of each part).
+fn stage_x(tok0: u32, col0: u32, li: u32) {
+    let k = li % 32u;
+    let c = col0 + k;
+    let lo = params.n * params.cols;
+    for (var j = 0u; j < BN / 8u; j++) {
+        let t = li / 32u + 8u * j;
+        var h = 0.0h;
+        var l = 0.0h;
+        if tok0 + t < params.n && c < params.cols {
+            let i = (tok0 + t) * params.cols + c;
+            h = x[i];
+            l = x[lo + i];
+        }
+        xh[t * LDX + k] = h;
+        xl[t * LDX + k] = l;
     }
-    return 0.0;
 }
 
 fn store(t: u32, r: u32, v: f32) {
@@ -174,54 +191,72 @@ fn main(
     let h = li / BM;
     let s = li / 32u;
     let rs = 32u * (s % 4u); // the subgroup's rows and tokens in the tile
-    let ts = 32u * (s / 4u);
+    let ts = (BN / 2u) * (s / 4u);
 
     var c00 = coop_mat16x16<f32, C>();
     var c01 = coop_mat16x16<f32, C>();
+    var c02 = coop_mat16x16<f32, C>();
+    var c03 = coop_mat16x16<f32, C>();
     var c10 = coop_mat16x16<f32, C>();
     var c11 = coop_mat16x16<f32, C>();
+    var c12 = coop_mat16x16<f32, C>();
+    var c13 = coop_mat16x16<f32, C>();
 
     for (var b = 0u; b < params.blocks; b++) {
         let rec = load_record(rg, b, r, h);
         workgroupBarrier();
-        // 1. zero ws (36 entries a thread) and stage x (16 a thread: column li % 64, 64 threads read a
-        // row's 256 contiguous bytes)
+        // 1. zero ws (36 entries a thread), then this thread's 16 kept weights of the block
         for (var j = 0u; j < 36u; j++) {
             ws[li + WG * j] = 0.0h;
         }
-        let k = li % 64u;
-        for (var j = 0u; j < 16u; j++) {
-            let t = li / 64u + 4u * j;
-            let v = x_at(tok0 + t, b * 64u + k);
-            let hi = f16(v);
-            xh[t * LD + k] = hi;
-            xl[t * LD + k] = f16(v - f32(hi));
-        }
+        stage_x(tok0, b * 64u, li);
         workgroupBarrier();
-        // 2. this thread's 16 kept weights of the block
         if rec.live {
             let base = rec.rot + 32u * h;
             let m = walk8(rec.mask, rec.c0, base, r * LD, rec.scale);
             walk8(m, rec.c1, base, r * LD, rec.scale);
         }
         workgroupBarrier();
-        // 3. four 16-column steps
-        for (var kk = 0u; kk < 64u; kk += 16u) {
-            let a0 = coopLoadT<coop_mat16x16<f16, A>>(&ws[rs * LD + kk], LD);
-            let a1 = coopLoadT<coop_mat16x16<f16, A>>(&ws[(rs + 16u) * LD + kk], LD);
-            let b0 = coopLoad<coop_mat16x16<f16, B>>(&xh[ts * LD + kk], LD);
-            let b1 = coopLoad<coop_mat16x16<f16, B>>(&xh[(ts + 16u) * LD + kk], LD);
-            c00 = coopMultiplyAdd(a0, b0, c00);
-            c01 = coopMultiplyAdd(a0, b1, c01);
-            c10 = coopMultiplyAdd(a1, b0, c10);
-            c11 = coopMultiplyAdd(a1, b1, c11);
-            if X_LO == 1u {
-                let l0 = coopLoad<coop_mat16x16<f16, B>>(&xl[ts * LD + kk], LD);
-                let l1 = coopLoad<coop_mat16x16<f16, B>>(&xl[(ts + 16u) * LD + kk], LD);
-                c00 = coopMultiplyAdd(a0, l0, c00);
-                c01 = coopMultiplyAdd(a0, l1, c01);
-                c10 = coopMultiplyAdd(a1, l0, c10);
-                c11 = coopMultiplyAdd(a1, l1, c11);
+        // 2. the two 32-column halves (the first one's x was staged with the zeroing)
+        for (var half = 0u; half < 2u; half++) {
+            if half == 1u {
+                workgroupBarrier();
+                stage_x(tok0, b * 64u + 32u, li);
+                workgroupBarrier();
+            }
+            for (var kk = 0u; kk < 32u; kk += 16u) {
+                let a0 = coopLoadT<coop_mat16x16<f16, A>>(&ws[rs * LD + 32u * half + kk], LD);
+                let a1 = coopLoadT<coop_mat16x16<f16, A>>(&ws[(rs + 16u) * LD + 32u * half + kk], LD);
+                let b0 = coopLoad<coop_mat16x16<f16, B>>(&xh[ts * LDX + kk], LDX);
+                let b1 = coopLoad<coop_mat16x16<f16, B>>(&xh[(ts + 16u) * LDX + kk], LDX);
+                c00 = coopMultiplyAdd(a0, b0, c00);
+                c01 = coopMultiplyAdd(a0, b1, c01);
+                c10 = coopMultiplyAdd(a1, b0, c10);
+                c11 = coopMultiplyAdd(a1, b1, c11);
+                if X_LO == 1u {
+                    let l0 = coopLoad<coop_mat16x16<f16, B>>(&xl[ts * LDX + kk], LDX);
+                    let l1 = coopLoad<coop_mat16x16<f16, B>>(&xl[(ts + 16u) * LDX + kk], LDX);
+                    c00 = coopMultiplyAdd(a0, l0, c00);
+                    c01 = coopMultiplyAdd(a0, l1, c01);
+                    c10 = coopMultiplyAdd(a1, l0, c10);
+                    c11 = coopMultiplyAdd(a1, l1, c11);
+                }
+                if BN == 128u {
+                    let b2 = coopLoad<coop_mat16x16<f16, B>>(&xh[(ts + 32u) * LDX + kk], LDX);
+                    let b3 = coopLoad<coop_mat16x16<f16, B>>(&xh[(ts + 48u) * LDX + kk], LDX);
+                    c02 = coopMultiplyAdd(a0, b2, c02);
+                    c03 = coopMultiplyAdd(a0, b3, c03);
+                    c12 = coopMultiplyAdd(a1, b2, c12);
+                    c13 = coopMultiplyAdd(a1, b3, c13);
+                    if X_LO == 1u {
+                        let l2 = coopLoad<coop_mat16x16<f16, B>>(&xl[(ts + 32u) * LDX + kk], LDX);
+                        let l3 = coopLoad<coop_mat16x16<f16, B>>(&xl[(ts + 48u) * LDX + kk], LDX);
+                        c02 = coopMultiplyAdd(a0, l2, c02);
+                        c03 = coopMultiplyAdd(a0, l3, c03);
+                        c12 = coopMultiplyAdd(a1, l2, c12);
+                        c13 = coopMultiplyAdd(a1, l3, c13);
+                    }
+                }
             }
         }
     }
@@ -233,4 +268,10 @@ fn main(
     put(c01, s, lane, r0, t0 + 16u);
     put(c10, s, lane, r0 + 16u, t0);
     put(c11, s, lane, r0 + 16u, t0 + 16u);
+    if BN == 128u {
+        put(c02, s, lane, r0, t0 + 32u);
+        put(c03, s, lane, r0, t0 + 48u);
+        put(c12, s, lane, r0 + 16u, t0 + 32u);
+        put(c13, s, lane, r0 + 16u, t0 + 48u);
+    }
 }

@@ -199,6 +199,8 @@ pub struct Gpu {
     /// repeats the same launches every token, so after the first token it allocates nothing.
     pub(crate) uniforms: Mutex<HashMap<Vec<u32>, wgpu::Buffer>>,
     binds: Mutex<HashMap<(wgpu::BindGroupLayout, Vec<wgpu::Buffer>), wgpu::BindGroup>>,
+    /// The batched product's x in two f16 parts (spmm_coop.wgsl), grown to the largest batch seen.
+    pub(crate) split_x: Mutex<Option<wgpu::Buffer>>,
 }
 
 /// Entries each cache keeps before it starts over (a bound on what one-off launches can pin).
@@ -420,6 +422,7 @@ impl Gpu {
             dummy,
             uniforms: Mutex::new(HashMap::new()),
             binds: Mutex::new(HashMap::new()),
+            split_x: Mutex::new(None),
         })
     }
 
@@ -482,6 +485,9 @@ impl Gpu {
         }
         if let Ok(mut b) = self.binds.lock() {
             b.clear();
+        }
+        if let Ok(mut x) = self.split_x.lock() {
+            x.take();
         }
     }
 

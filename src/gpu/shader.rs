@@ -30,6 +30,7 @@ pub enum Kernel {
     Embed,
     Spmm,
     SpmmCoop,
+    SplitF16,
 }
 
 /// How a kernel uses one binding of group 0.
@@ -72,7 +73,7 @@ impl Variant {
 use Binding::{Read, ReadWrite, Uniform};
 
 impl Kernel {
-    pub const ALL: [Kernel; 20] = [
+    pub const ALL: [Kernel; 21] = [
         Kernel::Copy,
         Kernel::Spmv,
         Kernel::Decompress,
@@ -93,6 +94,7 @@ impl Kernel {
         Kernel::Embed,
         Kernel::Spmm,
         Kernel::SpmmCoop,
+        Kernel::SplitF16,
     ];
 
     /// Whether every loop of the kernel runs a count fixed before it starts, so that wgpu's loop
@@ -115,6 +117,11 @@ impl Kernel {
     /// SPIR-V has 16 x 16 matrices (naga's MSL has 8 x 8 simdgroup matrices, HLSL and GLSL none).
     pub fn cooperative(self) -> bool {
         self == Kernel::SpmmCoop
+    }
+
+    /// Whether the kernel exists only with shader-f16 (its launcher never runs it without).
+    pub fn requires_f16(self) -> bool {
+        matches!(self, Kernel::SpmmCoop | Kernel::SplitF16)
     }
 
     /// Whether the file declares the override constant `name`.
@@ -149,6 +156,7 @@ impl Kernel {
             Kernel::Embed => "embed.wgsl",
             Kernel::Spmm => "spmm.wgsl",
             Kernel::SpmmCoop => "spmm_coop.wgsl",
+            Kernel::SplitF16 => "split_f16.wgsl",
         }
     }
 
@@ -175,6 +183,7 @@ impl Kernel {
             Kernel::Embed => include_str!("../../wgsl/embed.wgsl"),
             Kernel::Spmm => include_str!("../../wgsl/spmm.wgsl"),
             Kernel::SpmmCoop => include_str!("../../wgsl/spmm_coop.wgsl"),
+            Kernel::SplitF16 => include_str!("../../wgsl/split_f16.wgsl"),
         }
     }
 
@@ -194,7 +203,7 @@ impl Kernel {
                 &[Uniform, Read, Read, Read, ReadWrite, Read]
             }
             Kernel::AttentionCombine => &[Uniform, Read, ReadWrite, Read],
-            Kernel::SiluMul => &[Uniform, Read, ReadWrite],
+            Kernel::SiluMul | Kernel::SplitF16 => &[Uniform, Read, ReadWrite],
             Kernel::Add => &[Uniform, ReadWrite, Read],
             Kernel::Argmax => &[Uniform, Read, ReadWrite],
             Kernel::Embed => &[Uniform, Read, Read, ReadWrite, Read],

@@ -13,9 +13,12 @@ const ROW_TILE: usize = 128;
 const BATCH_TILE: usize = 128;
 /// Workgroup memory of spmm.wgsl: the W tile and the x tile, 16 KiB each.
 const TILE_BYTES: u32 = 32 << 10;
-/// spmm_coop.wgsl: 128 rows of W by 64 tokens a workgroup, 44 KiB of workgroup memory.
-const COOP_BATCH_TILE: usize = 64;
-const COOP_TILE_BYTES: u32 = 45056;
+/// spmm_coop.wgsl: 128 rows of W by 128 tokens a workgroup (46 KiB of workgroup memory). Its BN = 64
+/// (a bench and test knob) gives twice the workgroups, which would fill an H100's 132 SMs better at
+/// 5120 rows, but it decodes each block for half the tokens: slower at every Phi-4 shape (H100, n =
+/// 512: 7680 x 5120 855 vs 620 us, 5120 x 5120 607 vs 578, 5120 x 17920 2441 vs 2170).
+const COOP_BATCH_TILE: usize = 128;
+const COOP_TILE_BYTES: u32 = 47104;
 
 fn word(v: usize, what: &str) -> Result<u32> {
     u32::try_from(v).map_err(|_| {
@@ -78,9 +81,12 @@ impl Gpu {
         }
         word(n * w.cols.max(w.rows), "n x row length")?;
         let blocks = w.cols.div_ceil(64);
+        // x in two f16 parts: 4 bytes a value, in one binding.
+        let split_bytes = (4 * n * w.cols).next_multiple_of(4) as u64;
         let coop = self.features().cooperative_matrix
             && matches!(w.layout, Layout::Sparse { .. })
-            && self.limits().max_workgroup_storage_bytes >= COOP_TILE_BYTES;
+            && self.limits().max_workgroup_storage_bytes >= COOP_TILE_BYTES
+            && split_bytes <= self.limits().max_binding_bytes;
         let (codec, a, b, group) = match w.layout {
             Layout::Sparse {
                 groups,
@@ -97,10 +103,20 @@ impl Gpu {
             }
         };
         let (kernel, batch_tile, mut constants) = if coop {
+            let tile = match self.overrides.iter().find(|o| o.0 == "BN") {
+                // Bench and test knob.
+                Some(&(_, v)) if v == 64.0 || v == 128.0 => v as usize,
+                Some(&(_, v)) => {
+                    return Err(GpuError::Shape(format!(
+                        "override BN={v}: spmm_coop.wgsl takes 64 or 128 tokens a workgroup"
+                    )))
+                }
+                None => COOP_BATCH_TILE,
+            };
             (
                 Kernel::SpmmCoop,
-                COOP_BATCH_TILE,
-                vec![(group.0, group.1 as f64)],
+                tile,
+                vec![(group.0, group.1 as f64), ("BN", tile as f64)],
             )
         } else {
             (
@@ -117,6 +133,11 @@ impl Gpu {
             }
         }
         let (pipeline, layout) = self.pipeline(kernel, &constants)?;
+        let split = if coop {
+            Some(self.split_x(pass, x, split_bytes)?)
+        } else {
+            None
+        };
         for c in &w.chunks {
             if c.rows == 0 {
                 continue;
@@ -149,7 +170,7 @@ impl Gpu {
                     .chain(std::iter::repeat(&self.dummy))
                     .take(4),
             );
-            buffers.extend([&x.buffer, &y.buffer, res]);
+            buffers.extend([split.as_ref().unwrap_or(&x.buffer), &y.buffer, res]);
             let bind = self.bind(&layout, &buffers)?;
             let groups = row_groups as u64 * n.div_ceil(batch_tile) as u64;
             let (gx, gy) = self.grid(groups)?;
@@ -158,5 +179,92 @@ impl Gpu {
             pass.dispatch_workgroups(gx, gy, 1);
         }
         Ok(())
+    }
+
+    /// Records split_f16.wgsl: x into its two f16 parts in the kept buffer (grown to `bytes` when
+    /// smaller), which it returns for spmm_coop.wgsl.
+    fn split_x(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        x: &GpuVector,
+        bytes: u64,
+    ) -> Result<wgpu::Buffer> {
+        let buffer = {
+            let mut kept = self.split_x.lock().map_err(|_| GpuError::Wgpu {
+                what: "the batched product's x buffer".into(),
+                reason: "lock poisoned".into(),
+            })?;
+            match kept.as_ref() {
+                Some(b) if b.size() >= bytes => b.clone(),
+                _ => {
+                    let b = self.scoped("allocating the batched product's x", || {
+                        self.device.create_buffer(&wgpu::BufferDescriptor {
+                            label: Some("x in f16 parts"),
+                            size: bytes,
+                            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                            mapped_at_creation: false,
+                        })
+                    })?;
+                    *kept = Some(b.clone());
+                    b
+                }
+            }
+        };
+        let (pipeline, layout) = self.pipeline(Kernel::SplitF16, &[])?;
+        let params = self.uniform(&[word(x.len, "x length")?, 0, 0, 0])?;
+        let bind = self.bind(&layout, &[&params, &x.buffer, &buffer])?;
+        let (gx, gy) = self.grid(x.len.div_ceil(256) as u64)?;
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind, &[]);
+        pass.dispatch_workgroups(gx, gy, 1);
+        Ok(buffer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use half::f16;
+
+    use crate::gpu::gpu_or_skip;
+    use crate::rng::{test_seed, Rng};
+
+    /// split_f16.wgsl (which only the matrix-unit path runs, so no device without cooperative
+    /// matrices would otherwise run it): hi is within one f16 step of x (WGSL lets the conversion
+    /// round either way), and hi + lo is x within 2^-21 |x| plus half of f16's subnormal step.
+    #[test]
+    fn x_splits_into_two_f16_parts() {
+        let Some(gpu) = gpu_or_skip(Default::default()) else {
+            return;
+        };
+        if !gpu.features().f16 {
+            println!("skipped: {} has no shader-f16", gpu.describe());
+            return;
+        }
+        let mut rng = Rng::new(test_seed("x_splits_into_two_f16_parts"));
+        let mut x = rng.normal_vec(1000, 3.0);
+        x.extend([0.0, 1e-9, -3e-6, 65000.0, 1.0 / 3.0]);
+        let v = gpu.vector(&x).unwrap();
+        let bytes = (4 * x.len()) as u64;
+        let buffer = gpu.run(|pass| gpu.split_x(pass, &v, bytes)).unwrap();
+        let raw = gpu.read_bytes(&buffer, 0, bytes).unwrap();
+        let parts: Vec<f16> = raw
+            .chunks_exact(2)
+            .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])))
+            .collect();
+        for (i, &want) in x.iter().enumerate() {
+            let (hi, lo) = (parts[i], parts[x.len() + i]);
+            let near = f16::from_f32(want).to_f64();
+            let step = (f16::from_f64(near.abs()).to_bits() + 1) as f64;
+            let step = f16::from_bits(step as u16).to_f64() - near.abs();
+            assert!(
+                (hi.to_f64() - want as f64).abs() <= step,
+                "x[{i}] = {want}: high part {hi}"
+            );
+            let err = (hi.to_f64() + lo.to_f64() - want as f64).abs();
+            assert!(
+                err <= 2f64.powi(-21) * (want as f64).abs() + 2f64.powi(-25),
+                "x[{i}] = {want}: {hi} + {lo} is off by {err:e}"
+            );
+        }
     }
 }
