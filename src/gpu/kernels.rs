@@ -320,9 +320,11 @@ impl Gpu {
             pass.dispatch_workgroups(gx, gy, 1);
         }
         if let Some(scratch) = &scratch {
+            // The norm factor is the combine's to apply; SiLU * up was applied while staging.
+            let norm = matches!(prologue, Prologue::Norm { .. });
             let mut constants = vec![
                 ("RESIDUAL", mode),
-                ("PROLOGUE", prologue.mode().min(1.0)),
+                ("PROLOGUE", norm as u32 as f64),
                 ("EPILOGUE", epilogue as u32 as f64),
             ];
             if let Prologue::Norm { eps, .. } = prologue {
