@@ -18,7 +18,12 @@
 //!
 //! `spmv_norm` and `spmv_swiglu` are the fused products of a decode step: RMSNorm of x staged with it
 //! (qkv, gate_up), and silu(gate) * up of a 2 * cols input staged with it plus the residual add in
-//! place (down). `gemv_q4` is the q4 codec (group 32), Phi-4's lm_head at 100352 x 5120; `gemv_q3` the
+//! place (down). `spmv_norm_glu` is gate_up as the model runs it: RMSNorm prologue, rows in SwiGLU
+//! pairs and silu(gate) * up written by the epilogue (then down is a plain `spmv`). spmv splits the
+//! columns of products with few row tiles (`COL_SPLIT=N` in `--spmv-set` forces N parts, 1 none;
+//! `SPLIT_TILES` / `SPLIT_GROUPS` change the rule). `UPG_OVERRIDES="NAME=V,..."` applies the same
+//! to every GPU context, the pp / tg model's included (e.g. `SPLIT_TILES=0,SWIGLU_EPILOGUE=0` for the
+//! products as before). `gemv_q4` is the q4 codec (group 32), Phi-4's lm_head at 100352 x 5120; `gemv_q3` the
 //! dense 3-bit codec (group 128), the sparse codec's equal in bits.
 //!
 //! `spmm` is the batched product of prefill at `--batch` x rows (tok/s: rows of x per second).
@@ -52,8 +57,8 @@ struct Args {
     /// Adapter name substring, `all` for every adapter, or `cpu` for the CPU path.
     #[arg(long)]
     adapter: Option<String>,
-    /// Comma-separated: copy, spmv, spmv_norm, spmv_swiglu, gemv_f16, gemv_q4, gemv_q3, decompress,
-    /// spmm, pp, tg.
+    /// Comma-separated: copy, spmv, spmv_norm, spmv_swiglu, spmv_norm_glu, gemv_f16, gemv_q4, gemv_q3,
+    /// decompress, spmm, pp, tg.
     #[arg(long, default_value = "copy,spmv,gemv_f16,decompress,pp,tg")]
     ops: String,
     /// Comma-separated batch sizes (rows of x) of the spmm op.
@@ -121,6 +126,7 @@ const SET_OPS: &[&str] = &[
     "spmv",
     "spmv_norm",
     "spmv_swiglu",
+    "spmv_norm_glu",
     "gemv_q4",
     "gemv_q3",
     "spmm",
@@ -548,11 +554,41 @@ impl Bench<'_> {
                 self.measure(
                     gpu,
                     op,
-                    label.into(),
+                    split_label(gpu, &ws[0], label),
                     shape,
                     sparse.stored_bytes() as u64,
                     n,
                     |pass, i| gpu.matvec_fused(pass, &ws[i % n], &x, &y, None, prologue),
+                )?;
+                Ok(())
+            }
+            "spmv_norm_glu" => {
+                // gate_up of the MLP: RMSNorm prologue, rows in SwiGLU pairs, silu(gate) * up
+                // written (rows / 2 values).
+                let ws = (0..uploads_count(sparse))
+                    .map(|_| gpu.upload_gate_up(sparse))
+                    .collect::<upg::gpu::Result<Vec<_>>>()?;
+                if !ws[0].swiglu_pairs() {
+                    return Err(OverLimit(format!(
+                        "{rows} rows cannot be SwiGLU pairs (a multiple of 32 rows is needed)"
+                    ))
+                    .into());
+                }
+                let n = ws.len();
+                let h = gpu.zeros(rows / 2)?;
+                let g = gpu.vector(&(0..cols).map(|_| rng.range(0.5, 1.5)).collect::<Vec<_>>())?;
+                let prologue = Prologue::Norm {
+                    weight: &g,
+                    eps: 1e-5,
+                };
+                self.measure(
+                    gpu,
+                    op,
+                    split_label(gpu, &ws[0], label),
+                    shape,
+                    sparse.stored_bytes() as u64,
+                    n,
+                    |pass, i| gpu.matvec_swiglu(pass, &ws[i % n], &x, &h, prologue),
                 )?;
                 Ok(())
             }
@@ -564,7 +600,7 @@ impl Bench<'_> {
                 self.measure(
                     gpu,
                     op,
-                    label.into(),
+                    split_label(gpu, &ws[0], label),
                     shape,
                     sparse.stored_bytes() as u64,
                     n,
@@ -599,7 +635,7 @@ impl Bench<'_> {
                 self.measure(
                     gpu,
                     op,
-                    label.into(),
+                    split_label(gpu, &ws[0], label),
                     shape,
                     w.stored_bytes() as u64,
                     n,
@@ -655,7 +691,7 @@ impl Bench<'_> {
                 Ok(())
             }
             other => {
-                eprintln!("unknown op '{other}' (use copy, spmv, spmv_norm, spmv_swiglu, gemv_f16, gemv_q4, gemv_q3, decompress, spmm, pp, tg)");
+                eprintln!("unknown op '{other}' (use copy, spmv, spmv_norm, spmv_swiglu, spmv_norm_glu, gemv_f16, gemv_q4, gemv_q3, decompress, spmm, pp, tg)");
                 Ok(())
             }
         }
@@ -664,8 +700,19 @@ impl Bench<'_> {
 
 /// Enough copies of `w` on the device that cycling through them defeats the cache.
 fn uploads(gpu: &Gpu, w: &Tensor) -> upg::gpu::Result<Vec<GpuMatrix>> {
-    let n = ROTATE_BYTES.div_ceil(w.stored_bytes().max(1)).clamp(1, 256);
-    (0..n).map(|_| gpu.upload(w)).collect()
+    (0..uploads_count(w)).map(|_| gpu.upload(w)).collect()
+}
+
+/// `label`, plus the column parts where spmv splits `w` (the launcher's rule or a COL_SPLIT set).
+fn split_label(gpu: &Gpu, w: &GpuMatrix, label: &str) -> String {
+    match gpu.spmv_parts(w) {
+        Ok(p) if p > 1 => format!("{label} (split {p})"),
+        _ => label.to_string(),
+    }
+}
+
+fn uploads_count(w: &Tensor) -> usize {
+    ROTATE_BYTES.div_ceil(w.stored_bytes().max(1)).clamp(1, 256)
 }
 
 /// The adapter to open: a name substring, and one backend when the name alone is ambiguous (the same
@@ -686,7 +733,8 @@ fn options(
             .then(|| adapter.to_string())
             .or(env.adapter),
         runtime_checks: !args.unchecked,
-        overrides: spmv.to_vec(),
+        // UPG_OVERRIDES first, so that a set of --spmv-set wins where both name a constant.
+        overrides: [env.overrides.clone(), spmv.to_vec()].concat(),
         limits: upg::gpu::LimitOverrides {
             max_binding_bytes: args
                 .max_binding_kib

@@ -203,6 +203,175 @@ fn spmv_with_rows_split_over_workgroups_matches_the_reference() {
 }
 
 #[test]
+fn spmv_with_columns_split_over_workgroups_matches_the_reference() {
+    // COL_SPLIT forced: each row's blocks cut into 2, 3 or 7 contiguous parts (not dividing the
+    // block counts of SHAPES; 7 leaves parts without blocks at 1 to 6 blocks), each a workgroup whose
+    // sums a second launch adds; with ROW_LANES 2 on top, x staged 2 blocks at a time, and 8 KiB
+    // bindings that cut the larger matrices into row chunks. Each residual mode, y poisoned.
+    let mut rng = Rng::new(test_seed("spmv_with_columns_split_over_workgroups"));
+    for (parts, extra) in [
+        (2.0, vec![]),
+        (3.0, vec![("ROW_LANES", 2.0), ("TILE_BLOCKS", 2.0)]),
+        (7.0, vec![("SLICES", 2.0)]),
+    ] {
+        let limits = LimitOverrides {
+            max_binding_bytes: Some(8192),
+            ..LimitOverrides::default()
+        };
+        let mut overrides = vec![("COL_SPLIT", parts)];
+        overrides.extend(extra);
+        for gpu in &variants_with(limits, &overrides) {
+            for &(rows, cols) in SHAPES {
+                let w = Tensor::Sparse(SparseMatrix::random(rows, cols, 128, &mut rng).unwrap());
+                let x = random_x(&mut rng, cols);
+                let r = random_x(&mut rng, rows);
+                let what = format!("{} spmv COL_SPLIT={parts} [{rows}, {cols}]", gpu.describe());
+                let m = gpu.upload(&w).unwrap();
+                assert_eq!(gpu.spmv_parts(&m).unwrap(), parts as usize, "{what}");
+                let (want, tol) = reference_f64(&w, &x, None);
+                check(&what, &gpu_matvec(gpu, &w, &x, None), &want, &tol);
+                let (want, tol) = reference_f64(&w, &x, Some(&r));
+                check(
+                    &format!("{what} + r"),
+                    &gpu_matvec(gpu, &w, &x, Some(&r)),
+                    &want,
+                    &tol,
+                );
+                let (xv, y) = (gpu.vector(&x).unwrap(), gpu.vector(&r).unwrap());
+                gpu.run(|pass| gpu.matvec(pass, &m, &xv, &y, Some(&y)))
+                    .unwrap();
+                check(
+                    &format!("{what}, y += W x"),
+                    &gpu.read(&y).unwrap(),
+                    &want,
+                    &tol,
+                );
+            }
+        }
+    }
+    // The launcher's rule: few row tiles and rows of at least 2 x 16 blocks get split, many tiles or
+    // short rows not; SPLIT_TILES=0 turns it off.
+    let Some(gpu) = variants(LimitOverrides::default()).into_iter().next() else {
+        return;
+    };
+    let (rows, cols) = (40, 2100);
+    let w = Tensor::Sparse(SparseMatrix::random(rows, cols, 128, &mut rng).unwrap());
+    let m = gpu.upload(&w).unwrap();
+    assert_eq!(gpu.spmv_parts(&m).unwrap(), 2, "2 tiles of 33 blocks");
+    let x = random_x(&mut rng, cols);
+    let (want, tol) = reference_f64(&w, &x, None);
+    check(
+        "spmv split by the rule",
+        &gpu_matvec(&gpu, &w, &x, None),
+        &want,
+        &tol,
+    );
+    let short = gpu
+        .upload(&Tensor::Sparse(
+            SparseMatrix::random(rows, 1000, 128, &mut rng).unwrap(),
+        ))
+        .unwrap();
+    assert_eq!(gpu.spmv_parts(&short).unwrap(), 1, "16 blocks stay whole");
+    let off = variants_with(LimitOverrides::default(), &[("SPLIT_TILES", 0.0)]);
+    if let Some(g) = off.first() {
+        assert_eq!(g.spmv_parts(&g.upload(&w).unwrap()).unwrap(), 1);
+    }
+    // A count the kernel cannot take is refused with what to use.
+    if let Some(g) = variants_with(LimitOverrides::default(), &[("COL_SPLIT", 0.5)]).first() {
+        let m = g.upload(&w).unwrap();
+        let (x, y) = (g.zeros(cols).unwrap(), g.zeros(rows).unwrap());
+        let e = g
+            .run(|pass| g.matvec(pass, &m, &x, &y, None))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("COL_SPLIT 0.5") && e.contains("from 1 to 256"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn spmv_swiglu_epilogue_matches_the_reference() {
+    // gate_up uploaded in SwiGLU pairs order: h = silu(g) * u of W x straight from the product, whole
+    // or in 3 column parts, against f64 from the file's rows; rows 2 I with I = 16 k, k odd, and
+    // columns that leave partial blocks; 8 KiB bindings cut the larger ones into row chunks.
+    let mut rng = Rng::new(test_seed("spmv_swiglu_epilogue_matches_the_reference"));
+    let limits = LimitOverrides {
+        max_binding_bytes: Some(8192),
+        ..LimitOverrides::default()
+    };
+    for overrides in [vec![], vec![("COL_SPLIT", 3.0)], vec![("ROW_LANES", 4.0)]] {
+        for gpu in &variants_with(limits, &overrides) {
+            for (inter, cols) in [(16, 64), (48, 130), (80, 1000)] {
+                let w =
+                    Tensor::Sparse(SparseMatrix::random(2 * inter, cols, 128, &mut rng).unwrap());
+                let x = random_x(&mut rng, cols);
+                let (gu, tol) = reference_f64(&w, &x, None);
+                let m = gpu.upload_gate_up(&w).unwrap();
+                assert!(m.swiglu_pairs());
+                let xv = gpu.vector(&x).unwrap();
+                let h = gpu.vector(&vec![f32::NAN; inter]).unwrap();
+                gpu.run(|pass| gpu.matvec_swiglu(pass, &m, &xv, &h, upg::gpu::Prologue::None))
+                    .unwrap();
+                let got = gpu.read(&h).unwrap();
+                for i in 0..inter {
+                    let (g, u) = (gu[i], gu[inter + i]);
+                    let sig = 1.0 / (1.0 + (-g).exp());
+                    let want = g * sig * u;
+                    // silu'(g) <= 1.1; a few ulps of exp, the division and the products.
+                    let bound = 1.1 * u.abs() * tol[i]
+                        + (g * sig).abs() * tol[inter + i]
+                        + 8.0 * f32::EPSILON as f64 * want.abs()
+                        + f64::MIN_POSITIVE;
+                    assert!(
+                        (got[i] as f64 - want).abs() <= bound,
+                        "{} {overrides:?} I={inter} cols={cols}: h[{i}] = {}, exact {want}, allowed {bound:e}",
+                        gpu.describe(),
+                        got[i]
+                    );
+                }
+            }
+            // The plain product of a pairs matrix gives its rows in pairs order.
+            let w = Tensor::Sparse(SparseMatrix::random(64, 100, 128, &mut rng).unwrap());
+            let x = random_x(&mut rng, 100);
+            let (want, tol) = reference_f64(&w, &x, None);
+            let m = gpu.upload_gate_up(&w).unwrap();
+            let (xv, y) = (
+                gpu.vector(&x).unwrap(),
+                gpu.vector(&[f32::NAN; 64]).unwrap(),
+            );
+            gpu.run(|pass| gpu.matvec(pass, &m, &xv, &y, None)).unwrap();
+            let got = gpu.read(&y).unwrap();
+            let order: Vec<usize> = (0..64)
+                .map(|r| {
+                    if r % 32 < 16 {
+                        r / 32 * 16 + r % 32
+                    } else {
+                        32 + r / 32 * 16 + r % 32 - 16
+                    }
+                })
+                .collect();
+            let (want, tol): (Vec<f64>, Vec<f64>) =
+                order.iter().map(|&r| (want[r], tol[r])).unzip();
+            check("pairs order", &got, &want, &tol);
+        }
+    }
+    // Not a pairs matrix: refused with what to do; rows of no whole tiles stay in file order.
+    if let Some(gpu) = variants(LimitOverrides::default()).first() {
+        let w = Tensor::Sparse(SparseMatrix::random(40, 64, 64, &mut rng).unwrap());
+        let m = gpu.upload_gate_up(&w).unwrap();
+        assert!(!m.swiglu_pairs());
+        let (x, h) = (gpu.zeros(64).unwrap(), gpu.zeros(20).unwrap());
+        let e = gpu
+            .run(|pass| gpu.matvec_swiglu(pass, &m, &x, &h, upg::gpu::Prologue::None))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("upload_gate_up"), "{e}");
+    }
+}
+
+#[test]
 fn spmv_fuses_the_residual_add() {
     let gpus = variants(LimitOverrides::default());
     let mut rng = Rng::new(test_seed("spmv_fuses_the_residual_add"));

@@ -281,3 +281,44 @@ fn gpu_batched_prefill_matches_the_cpu_and_single_positions() {
         assert!(err <= 1e-5, "batch {batch}: last logits: {err:.2e}");
     }
 }
+
+#[test]
+fn gpu_column_split_and_swiglu_epilogue_logits_match_the_cpu() {
+    // phi3-tiny (hidden 128 = 2 blocks, MLP 256 = 4 blocks and 16 x 16 pairs) one position a pass,
+    // decoding's kernels: every sparse product in 2 or 3 column parts (3 leaves a part without blocks
+    // at 2), with gate_up in SwiGLU pairs (the default) or in the file's order.
+    let r = reference(&fixture("phi3-tiny"));
+    let prompt = r["tokens"].ids();
+    let plan = CodecPlan::compressed();
+    let mut cpu = load_cpu("phi3-tiny", &plan, 64);
+    let vocab = cpu.config.vocab_size;
+    let want: Vec<f64> = cpu
+        .forward_all(&prompt)
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    for overrides in [
+        vec![("COL_SPLIT", 2.0)],
+        vec![("COL_SPLIT", 3.0)],
+        vec![("COL_SPLIT", 3.0), ("SWIGLU_EPILOGUE", 0.0)],
+        vec![("SPLIT_TILES", 0.0), ("SWIGLU_EPILOGUE", 0.0)],
+    ] {
+        let opts = GpuOptions {
+            overrides: overrides.iter().map(|&(n, v)| (n.to_string(), v)).collect(),
+            ..GpuOptions::default()
+        };
+        let Some(gpu) = gpu_or_skip(opts) else {
+            return;
+        };
+        let ckpt = Checkpoint::open(&fixture("phi3-tiny")).expect("fixture opens");
+        let weights = HostWeights::from_checkpoint(&ckpt, &plan).expect("weights load");
+        let backend = GpuBackend::new(gpu, false).expect("backend");
+        let mut model =
+            Phi3::with_batch(ckpt.config.clone(), weights, backend, 64, 1).expect("model builds");
+        let got = model.forward_all(&prompt).unwrap();
+        let (err, pos) = worst_row_rel_error(&got, &want, vocab);
+        println!("{overrides:?}: GPU vs CPU worst relative error {err:.2e} at position {pos}");
+        assert!(err <= LOGIT_TOL, "{overrides:?}: position {pos}: {err:.2e}");
+    }
+}

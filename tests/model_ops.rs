@@ -561,6 +561,104 @@ fn check_fused<B: Backend>(b: &mut B, rng: &mut Rng) {
     }
 }
 
+/// The MLP block (gate_up from `gate_up_matrix`, whose rows a GPU keeps in SwiGLU pairs where it can)
+/// against f64: x += W_down (silu(g) * u), [g | u] = W_gate_up rmsnorm(x). Widths that are and are not
+/// a multiple of 16 (pairs or not), one position and batches, sparse and q4 weights.
+fn check_mlp<B: Backend>(b: &mut B, rng: &mut Rng) {
+    let eps = 1e-5f32;
+    let e = f32::EPSILON as f64;
+    for &(hidden, width, n) in &[
+        (100, 48, 1),
+        (130, 80, 1),
+        (64, 36, 1),
+        (90, 48, 3),
+        (200, 16, 2),
+    ] {
+        if n > b.max_batch() {
+            continue;
+        }
+        for codec in [Codec::Sparse, Codec::Q4] {
+            let make = |rng: &mut Rng, rows: usize, cols: usize| {
+                let w = rng.normal_vec(rows * cols, 0.1);
+                encode(
+                    &Dense::f32(rows, cols, &w).unwrap(),
+                    codec,
+                    &CodecPlan::exact(),
+                )
+                .unwrap()
+            };
+            let (gu_t, down_t) = (make(rng, 2 * width, hidden), make(rng, hidden, width));
+            let (wgu, wd) = (
+                reference::decompress_f32(&gu_t),
+                reference::decompress_f32(&down_t),
+            );
+            let x = rng.normal_vec(n * hidden, 2.0);
+            let g: Vec<f32> = (0..hidden).map(|_| rng.range(0.5, 1.5)).collect();
+            let (mut want, mut bound) = (vec![0.0f64; n * hidden], vec![0.0f64; n * hidden]);
+            for t in 0..n {
+                let row = &x[t * hidden..][..hidden];
+                let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / hidden as f64;
+                let inv = 1.0 / (ms + eps as f64).sqrt();
+                let xs: Vec<f64> = row
+                    .iter()
+                    .zip(&g)
+                    .map(|(&v, &g)| v as f64 * inv * g as f64)
+                    .collect();
+                // Each gate_up output with its bound (as matmul_norm's in check_fused), then h.
+                let out = |k: usize| {
+                    let w = &wgu[k * hidden..][..hidden];
+                    let v: f64 = w.iter().zip(&xs).map(|(&a, &b)| a as f64 * b).sum();
+                    let s: f64 = w.iter().zip(&xs).map(|(&a, &b)| (a as f64 * b).abs()).sum();
+                    (v, (2 * hidden + 16) as f64 * e * s)
+                };
+                let (mut h, mut dh) = (vec![0.0; width], vec![0.0; width]);
+                for j in 0..width {
+                    let ((gv, dg), (uv, du)) = (out(j), out(width + j));
+                    let silu = gv / (1.0 + (-gv).exp());
+                    h[j] = silu * uv;
+                    dh[j] = 1.1 * uv.abs() * dg + silu.abs() * du + 8.0 * e * h[j].abs();
+                }
+                for i in 0..hidden {
+                    let w = &wd[i * width..][..width];
+                    let o = t * hidden + i;
+                    want[o] =
+                        x[o] as f64 + w.iter().zip(&h).map(|(&a, &b)| a as f64 * b).sum::<f64>();
+                    let s: f64 = w.iter().zip(&h).map(|(&a, &b)| (a as f64 * b).abs()).sum();
+                    bound[o] = (width + 64) as f64 * e * (s + (x[o] as f64).abs())
+                        + w.iter()
+                            .zip(&dh)
+                            .map(|(&a, &b)| (a as f64).abs() * b)
+                            .sum::<f64>();
+                }
+            }
+            let gate_up = b.gate_up_matrix(gu_t).unwrap();
+            let down = b.matrix(down_t).unwrap();
+            let (mut xb, gb) = (b.buffer(&x).unwrap(), b.buffer(&g).unwrap());
+            let mut normed = poisoned(b, n * hidden);
+            let mut gu_out = poisoned(b, n * 2 * width);
+            let mut mlp = poisoned(b, n * width);
+            b.mlp(
+                &gate_up,
+                &down,
+                &mut xb,
+                &gb,
+                eps,
+                &mut normed,
+                &mut gu_out,
+                &mut mlp,
+                (n, hidden, width),
+            );
+            close(
+                &format!("mlp {codec:?} hidden {hidden} width {width} x {n}"),
+                &b.read(&xb, n * hidden).unwrap(),
+                &want,
+                1.0,
+                |i| bound[i] + f64::MIN_POSITIVE,
+            );
+        }
+    }
+}
+
 #[test]
 fn cpu_ops_match_f64() {
     let mut rng = Rng::new(test_seed("cpu_ops_match_f64"));
@@ -573,6 +671,7 @@ fn cpu_ops_match_f64() {
     check_elementwise(&mut cpu, &mut rng);
     check_greedy(&mut cpu, &mut rng);
     check_fused(&mut cpu, &mut rng);
+    check_mlp(&mut cpu, &mut rng);
 }
 
 #[test]
@@ -590,6 +689,7 @@ fn gpu_ops_match_f64() {
     check_elementwise(&mut b, &mut rng);
     check_greedy(&mut b, &mut rng);
     check_fused(&mut b, &mut rng);
+    check_mlp(&mut b, &mut rng);
 }
 
 /// The split decode attention with both cache precisions (the table above, f32 KV, also runs in
@@ -690,10 +790,15 @@ fn gpu_fused_ops_match_f64_over_x_tiles_and_slices() {
     // blocks (240 vec4 at 960 columns) four rounds at a time and then the rest; STAGE_ROUNDS 1 one
     // round at a time.
     let mut rng = Rng::new(test_seed("gpu_fused_ops_match_f64_over_x_tiles_and_slices"));
-    for (lanes, slices, tile_blocks, rounds) in [
-        (1.0, 4.0, 2.0, 4.0),
-        (2.0, 1.0, 16.0, 4.0),
-        (4.0, 2.0, 8.0, 1.0),
+    // COL_SPLIT 3 and 5: each row's blocks in column parts (some without blocks at 2 and 4 blocks),
+    // each part's squares and SiLU * up over its columns only, the norm factor, the residual and the
+    // sums put together by spmv_combine.wgsl.
+    for (lanes, slices, tile_blocks, rounds, parts) in [
+        (1.0, 4.0, 2.0, 4.0, 1.0),
+        (2.0, 1.0, 16.0, 4.0, 1.0),
+        (4.0, 2.0, 8.0, 1.0, 1.0),
+        (1.0, 4.0, 2.0, 4.0, 3.0),
+        (2.0, 16.0, 64.0, 1.0, 5.0),
     ] {
         let opts = upg::gpu::GpuOptions {
             overrides: vec![
@@ -701,6 +806,7 @@ fn gpu_fused_ops_match_f64_over_x_tiles_and_slices() {
                 ("SLICES".into(), slices),
                 ("ROW_LANES".into(), lanes),
                 ("STAGE_ROUNDS".into(), rounds),
+                ("COL_SPLIT".into(), parts),
             ],
             limits: upg::gpu::LimitOverrides {
                 max_binding_bytes: Some(8192),
@@ -713,6 +819,7 @@ fn gpu_fused_ops_match_f64_over_x_tiles_and_slices() {
         };
         let mut b = upg::model::GpuBackend::new(gpu, false).unwrap();
         check_fused(&mut b, &mut rng);
+        check_mlp(&mut b, &mut rng);
     }
 }
 

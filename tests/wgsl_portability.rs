@@ -38,7 +38,16 @@ fn override_sets(k: Kernel) -> Vec<Vec<(&'static str, f64)>> {
                 ("ROW_LANES", 32.0),
                 ("STAGE_ROUNDS", 1.0),
             ],
+            vec![("PROLOGUE", 1.0), ("COL_SPLIT", 5.0), ("ROW_LANES", 2.0)],
+            vec![("PROLOGUE", 1.0), ("EPILOGUE", 1.0)],
         ],
+        Kernel::SpmvCombine => vec![
+            vec![],
+            vec![("PROLOGUE", 1.0), ("EPS", 1e-6), ("RESIDUAL", 1.0)],
+            vec![("RESIDUAL", 2.0)],
+            vec![("PROLOGUE", 1.0), ("EPILOGUE", 1.0)],
+        ],
+        Kernel::SiluMul => vec![vec![], vec![("PAIRS", 1.0)]],
         Kernel::Decompress => vec![vec![], vec![("OUT_F32", 1.0), ("GROUP_BLOCKS", 3.0)]],
         Kernel::GemvQ4 => vec![
             vec![],
@@ -77,7 +86,6 @@ fn override_sets(k: Kernel) -> Vec<Vec<(&'static str, f64)>> {
         Kernel::Copy
         | Kernel::Rmsnorm
         | Kernel::Rope
-        | Kernel::SiluMul
         | Kernel::Add
         | Kernel::Argmax
         | Kernel::AttentionCombine

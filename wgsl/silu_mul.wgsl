@@ -1,8 +1,10 @@
 // silu_mul: out[t][i] = silu(gate_up[t][i]) * gate_up[t][width + i], silu(g) = g / (1 + exp(-g)).
+// PAIRS == 1: gate_up rows come in the SwiGLU pairs order of src/gpu/matrix.rs (a gate_up matrix
+// uploaded for spmv's SwiGLU epilogue): gate i at 32 (i / 16) + i % 16, its up 16 further.
 //
 // Bindings (group 0):
 //   0  uniform            params: Params (below)
-//   1  storage, read      gate_up: array<f32>  [n, 2 * width]: gate columns, then up columns
+//   1  storage, read      gate_up: array<f32>  [n, 2 * width]: gate columns, then up columns (or pairs)
 //   2  storage, read_write out:     array<f32>  [n, width]
 // Workgroup: 256 threads, one output each.
 // Dispatch: ceil(n * width / 256) workgroups as (x, y), index = x + y * num_workgroups.x.
@@ -14,6 +16,8 @@ struct Params {
     _pad0: u32,
     _pad1: u32,
 }
+
+override PAIRS: u32 = 0u;
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> gate_up: array<f32>;
@@ -27,7 +31,13 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
     let t = id / params.width;
     let i = id - t * params.width;
-    let g = gate_up[t * 2u * params.width + i];
-    let u = gate_up[t * 2u * params.width + params.width + i];
+    var gi = i;
+    var ui = params.width + i;
+    if PAIRS == 1u {
+        gi = (i / 16u) * 32u + i % 16u;
+        ui = gi + 16u;
+    }
+    let g = gate_up[t * 2u * params.width + gi];
+    let u = gate_up[t * 2u * params.width + ui];
     out[id] = g / (1.0 + exp(-g)) * u;
 }

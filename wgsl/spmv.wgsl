@@ -42,8 +42,20 @@
 // Every index stays inside its binding by construction (records below tiles * blocks * 32, x below
 // blocks * 64, xs below TILE_BLOCKS * 64) and every loop runs a count fixed before it starts, so the
 // launcher builds this kernel without wgpu's loop bounding (`Kernel::loops_end`).
-// Dispatch: ROW_LANES workgroups per row tile, (x, y) with index = x + y * num_workgroups.x when over
-// 65535 (tile = index / ROW_LANES).
+// COL_SPLIT > 1 cuts each row's blocks into COL_SPLIT contiguous parts, blocks part * blocks /
+// COL_SPLIT .. (part + 1) * blocks / COL_SPLIT, one workgroup each (times ROW_LANES), staging only its
+// part of x' (and doing only its part of the prologue): a product of few row tiles (Phi-4's 5120 rows
+// are 160 tiles for 132 SMs on an H100) gets more, lighter workgroups. Then y is not written: each
+// part's row sums, unscaled and without the residual, go to y[part * params.stride + row0 + row] (the
+// launcher binds a scratch buffer as y), and with PROLOGUE == 1 the part's sum of squares of x to
+// y[COL_SPLIT * params.stride + part] (from the workgroup of tile 0, rows 0.., of the first chunk);
+// spmv_combine.wgsl adds the parts in order, applies the norm factor, the epilogue and the residual.
+// EPILOGUE == 1 (SwiGLU pairs, COL_SPLIT == 1 and ROW_LANES == 1 only): the upload put gate rows
+// 16 t .. 16 t + 15 at rows 0..15 of tile t and their up rows at 16..31 (src/gpu/matrix.rs), and the
+// kernel writes y[row0 / 2 + 16 t + j] = silu(g_j) * u_j instead of the 32 rows.
+// Dispatch: ROW_LANES * COL_SPLIT workgroups per row tile, (x, y) with index = x + y *
+// num_workgroups.x when over 65535 (tile = index / (ROW_LANES * COL_SPLIT), part = index / ROW_LANES
+// % COL_SPLIT).
 // Features: none. (An f16 variant would turn codes into values with f16 arithmetic, but naga 30 types
 // bitcast<vec2<f16>>(u32) wrongly, so every build uses unpack2x16float, which is as exact.)
 
@@ -54,7 +66,7 @@ struct Params {
     row0: u32,   // index in y of the chunk's first row
     tiles: u32,  // row tiles of 32 in this chunk
     cols: u32,   // columns of W (the width of x' before padding)
-    _pad1: u32,
+    stride: u32, // rows of the whole matrix: the distance between parts in the COL_SPLIT scratch
     _pad2: u32,
 }
 
@@ -65,6 +77,8 @@ override RESIDUAL: u32 = 0u;
 override PROLOGUE: u32 = 0u;
 override ROW_LANES: u32 = 1u; // 1, 2, 4, ..., 32 (the launcher checks)
 override STAGE_ROUNDS: u32 = 1u; // 1 or 4 staging rounds at a time (see the staging in main)
+override COL_SPLIT: u32 = 1u;
+override EPILOGUE: u32 = 0u;
 override EPS: f32 = 1e-5;
 const LANES: u32 = 32u;
 
@@ -160,10 +174,10 @@ fn put(i: u32, v: vec4<f32>) {
     xs[4u * i + 3u] = v.w;
 }
 
-// 1 / sqrt(mean(x^2) + EPS) from every thread's `squares`, the same in every workgroup: lanes of the first
-// slice add their column of `partial`, then each sums the 32 columns in order. Uses `partial`; call
-// from uniform control flow.
-fn norm_factor(li: u32) -> f32 {
+// The sum of every thread's `squares`, the same in every workgroup that staged the same columns: lanes
+// of the first slice add their column of `partial`, then each sums the 32 columns in order. Uses
+// `partial`; call from uniform control flow.
+fn square_total(li: u32) -> f32 {
     partial[li] = squares;
     workgroupBarrier();
     if li < LANES {
@@ -179,7 +193,7 @@ fn norm_factor(li: u32) -> f32 {
         total += partial[l];
     }
     workgroupBarrier();
-    return inverseSqrt(total / f32(params.cols) + EPS);
+    return total;
 }
 
 fn scale(tile: u32, g: u32, lane: u32) -> f32 {
@@ -198,10 +212,14 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
     let index = wg.x + wg.y * nwg.x;
-    let tile = index / ROW_LANES;
+    let tile = index / (ROW_LANES * COL_SPLIT);
     if tile >= params.tiles {
         return;
     }
+    // This workgroup's blocks.
+    let part = index / ROW_LANES % COL_SPLIT;
+    let b0 = part * params.blocks / COL_SPLIT;
+    let b1 = (part + 1u) * params.blocks / COL_SPLIT;
     let part_rows = LANES / ROW_LANES;
     let lane = li % LANES;
     // This thread's row in the tile and share of the blocks.
@@ -209,8 +227,8 @@ fn main(
     let shares = SLICES * ROW_LANES;
     let share = (li / LANES) * ROW_LANES + lane / part_rows;
     var acc = 0.0;
-    for (var t0 = 0u; t0 < params.blocks; t0 += TILE_BLOCKS) {
-        let nb = min(TILE_BLOCKS, params.blocks - t0);
+    for (var t0 = b0; t0 < b1; t0 += TILE_BLOCKS) {
+        let nb = min(TILE_BLOCKS, b1 - t0);
         let per = (nb + shares - 1u) / shares;
         let k0 = min(share * per, nb);
         let k1 = min(k0 + per, nb);
@@ -260,18 +278,43 @@ fn main(
     }
     var factor = 1.0;
     if PROLOGUE == 1u {
-        factor = norm_factor(li);
+        let total = square_total(li);
+        factor = inverseSqrt(total / f32(params.cols) + EPS);
+        if COL_SPLIT > 1u && tile == 0u && index % ROW_LANES == 0u && li == 0u && params.row0 == 0u {
+            y[COL_SPLIT * params.stride + part] = total;
+        }
     }
     // Thread li holds share li / part_rows of row li % part_rows of the part.
     partial[li] = acc;
     workgroupBarrier();
     let row = tile * LANES + l;
-    if li < part_rows && row < params.rows {
-        var sum = 0.0;
+    var sum = 0.0;
+    if li < part_rows {
         for (var s = 0u; s < shares; s++) {
             sum += partial[s * part_rows + li];
         }
-        sum *= factor;
+    }
+    if COL_SPLIT > 1u {
+        if li < part_rows && row < params.rows {
+            y[part * params.stride + params.row0 + row] = sum;
+        }
+        return;
+    }
+    sum *= factor;
+    if EPILOGUE == 1u {
+        // Row j < 16 of the tile is gate j, row 16 + j its up (ROW_LANES == 1: l == li here).
+        workgroupBarrier();
+        if li < LANES {
+            partial[li] = sum;
+        }
+        workgroupBarrier();
+        if li < 16u && row < params.rows {
+            let g = partial[li];
+            y[params.row0 / 2u + tile * 16u + li] = g / (1.0 + exp(-g)) * partial[li + 16u];
+        }
+        return;
+    }
+    if li < part_rows && row < params.rows {
         let out = params.row0 + row;
         if RESIDUAL == 1u {
             sum += res[out];

@@ -43,8 +43,10 @@ pub struct GpuOptions {
     pub runtime_checks: bool,
     pub limits: LimitOverrides,
     /// Bench and test knob: override constants of the matrix-vector kernels (spmv.wgsl: SLICES,
-    /// TILE_BLOCKS, ROW_LANES, ...; gemv_q4.wgsl: QUADS; gemv_q3.wgsl: ROWS, STAGE_X) that replace the launcher's choice or add to
-    /// it, each in the kernels that declare it.
+    /// TILE_BLOCKS, ROW_LANES, COL_SPLIT, ...; gemv_q4.wgsl: QUADS; gemv_q3.wgsl: ROWS, STAGE_X) that replace the launcher's choice or add to
+    /// it, each in the kernels that declare it; and launcher knobs: SPLIT_TILES and SPLIT_GROUPS
+    /// (spmv's column split rule, [`Gpu::spmv_parts`]), SWIGLU_EPILOGUE=0 (the model's gate_up
+    /// uploaded as it is, SiLU * up in down's prologue instead of gate_up's epilogue).
     pub overrides: Vec<(String, f64)>,
     /// Device memory to plan with instead of what the driver reports (`UPG_DEVICE_MEMORY_MIB`).
     pub memory_bytes: Option<u64>,
@@ -67,8 +69,21 @@ impl Default for GpuOptions {
     }
 }
 
+/// `NAME=NUMBER` pairs separated by commas (empty entries skipped); `None` when one is not.
+pub fn parse_overrides(set: &str) -> Option<Vec<(String, f64)>> {
+    set.split(',')
+        .map(str::trim)
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            Some((k.trim().to_string(), v.trim().parse::<f64>().ok()?))
+        })
+        .collect()
+}
+
 impl GpuOptions {
-    /// Defaults with `UPG_BACKEND` and `UPG_ADAPTER` applied. `UPG_BACKEND=cpu` gives
+    /// Defaults with `UPG_BACKEND`, `UPG_ADAPTER`, `UPG_DEVICE_MEMORY_MIB` and `UPG_OVERRIDES` (kernel
+    /// overrides and launcher knobs as in [`GpuOptions::overrides`], `NAME=VALUE,...`) applied. `UPG_BACKEND=cpu` gives
     /// [`GpuError::NoAdapter`], which callers that can fall back treat as "use the CPU".
     pub fn from_env() -> Result<Self> {
         let mut opts = Self::default();
@@ -113,6 +128,13 @@ impl GpuOptions {
                     expected: "a positive number of MiB",
                 })?;
             opts.memory_bytes = Some(bytes);
+        }
+        if let Ok(set) = std::env::var("UPG_OVERRIDES") {
+            opts.overrides = parse_overrides(&set).ok_or_else(|| GpuError::BadEnv {
+                var: "UPG_OVERRIDES",
+                value: set.clone(),
+                expected: "comma-separated NAME=NUMBER pairs, e.g. COL_SPLIT=1,SWIGLU_EPILOGUE=0",
+            })?;
         }
         Ok(opts)
     }
@@ -195,6 +217,8 @@ pub struct Gpu {
     memory: Option<DeviceMemory>,
     /// A small zeroed storage buffer bound where a kernel's optional input is not used.
     pub(crate) dummy: wgpu::Buffer,
+    /// The column parts of split spmv launches, shared by all of them (see `Gpu::split_scratch`).
+    pub(crate) split_scratch: Mutex<Option<wgpu::Buffer>>,
     /// Uniform parameter buffers by content, and bind groups by layout and buffers: a forward pass
     /// repeats the same launches every token, so after the first token it allocates nothing.
     pub(crate) uniforms: Mutex<HashMap<Vec<u32>, wgpu::Buffer>>,
@@ -420,6 +444,7 @@ impl Gpu {
             lost,
             memory,
             dummy,
+            split_scratch: Mutex::new(None),
             uniforms: Mutex::new(HashMap::new()),
             binds: Mutex::new(HashMap::new()),
             split_x: Mutex::new(None),

@@ -25,6 +25,24 @@ const SPMV_SPLIT_TILES: usize = 192;
 /// (22.6 -> 23.3 us each).
 const SPMV_SPLIT_SHARE_BLOCKS: usize = 4;
 
+/// spmv cuts rows into column parts ([`Gpu::spmv_parts`]) in products of fewer row tiles than this:
+/// twice the 132 SMs of an H100 (the adapter does not say how many SMs it has). Launcher knob
+/// `SPLIT_TILES` (an override; 0 turns the split off).
+const SPMV_COL_SPLIT_TILES: usize = 264;
+
+/// Workgroups a column-split product aims at: four of 512 threads per SM of an H100. Launcher knob
+/// `SPLIT_GROUPS`.
+const SPMV_COL_SPLIT_GROUPS: usize = 528;
+
+/// Fewest blocks a column part gets from the rule; a `COL_SPLIT` override ignores it. 64 leaves the
+/// 80-block rows of Phi-4's qkv and o_proj whole and cuts down_proj's 280 into 4: on an H100 (decode
+/// profile, per layer) the split took down 60.8 -> 43.8 us but qkv 24.1 -> 30.0 and o_proj 22.8 ->
+/// 24.3, the combine launch costing more than the 80-block products gain.
+const SPMV_PART_BLOCKS: usize = 64;
+
+/// f32 values of the smallest column-split scratch buffer (it grows to a power of two when needed).
+const SPLIT_SCRATCH_MIN: usize = 1 << 16;
+
 /// What a product does to its input while loading it (see wgsl/spmv.wgsl), in place of a launch
 /// before it.
 #[derive(Clone, Copy, Debug)]
@@ -94,7 +112,7 @@ impl Gpu {
     }
 
     /// [`Gpu::matvec`] of x' = `prologue` applied to x, in the same launch (the sparse codec; see
-    /// [`GpuMatrix::takes`]).
+    /// [`GpuMatrix::takes`]). A matrix in SwiGLU pairs order gives y in that order.
     pub fn matvec_fused(
         &self,
         pass: &mut wgpu::ComputePass<'_>,
@@ -104,13 +122,48 @@ impl Gpu {
         residual: Option<&GpuVector>,
         prologue: Prologue,
     ) -> Result<()> {
+        self.product(pass, w, x, y, residual, prologue, false)
+    }
+
+    /// h = silu(gate) * up of [gate | up] = W x' (x' = `prologue` applied to x) for a gate_up matrix
+    /// in SwiGLU pairs order ([`Gpu::upload_gate_up`]): the product's epilogue, so that h (half of
+    /// W's rows) is what gets written, and the product after it stages h as it is.
+    pub fn matvec_swiglu(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        w: &GpuMatrix,
+        x: &GpuVector,
+        h: &GpuVector,
+        prologue: Prologue,
+    ) -> Result<()> {
+        if !w.swiglu_pairs {
+            return Err(GpuError::Shape(
+                "the SwiGLU epilogue needs a gate_up matrix uploaded by upload_gate_up in pairs order"
+                    .into(),
+            ));
+        }
+        self.product(pass, w, x, h, None, prologue, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn product(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        w: &GpuMatrix,
+        x: &GpuVector,
+        y: &GpuVector,
+        residual: Option<&GpuVector>,
+        prologue: Prologue,
+        epilogue: bool,
+    ) -> Result<()> {
         let x_len = match prologue {
             Prologue::SwiGlu => 2 * w.cols,
             _ => w.cols,
         };
-        if x.len != x_len || y.len != w.rows {
+        let y_len = if epilogue { w.rows / 2 } else { w.rows };
+        if x.len != x_len || y.len != y_len {
             return Err(GpuError::Shape(format!(
-                "W is [{}, {}], x has {} entries (wanted {x_len}) and y {}",
+                "W is [{}, {}], x has {} entries (wanted {x_len}) and y {} (wanted {y_len})",
                 w.rows, w.cols, x.len, y.len
             )));
         }
@@ -145,6 +198,12 @@ impl Gpu {
             }
             Some(r) => (1.0, &r.buffer),
         };
+        // Column parts: their sums go to a scratch buffer, and a second launch combines them into y.
+        let parts = self.spmv_parts(w)?;
+        let scratch = match parts {
+            1 => None,
+            _ => Some(self.split_scratch(parts * (w.rows + 1))?),
+        };
         for c in &w.chunks {
             if c.rows == 0 || w.cols == 0 && !matches!(w.layout, Layout::Sparse { .. }) {
                 continue;
@@ -157,7 +216,8 @@ impl Gpu {
                     ..
                 } => {
                     let tiles = c.rows.div_ceil(TILE_ROWS);
-                    let (slices, tile_blocks) = self.spmv_shape(blocks)?;
+                    let part_blocks = blocks.div_ceil(parts);
+                    let (slices, tile_blocks) = self.spmv_shape(part_blocks)?;
                     (
                         Kernel::Spmv,
                         vec![
@@ -166,7 +226,10 @@ impl Gpu {
                             ("SLICES", slices as f64),
                             ("TILE_BLOCKS", tile_blocks as f64),
                             ("PROLOGUE", prologue.mode()),
-                            ("ROW_LANES", spmv_row_lanes(tiles, blocks, slices) as f64),
+                            (
+                                "ROW_LANES",
+                                spmv_row_lanes(tiles, part_blocks, slices) as f64,
+                            ),
                             ("STAGE_ROUNDS", prologue.stage_rounds()),
                         ],
                         tiles,
@@ -218,7 +281,16 @@ impl Gpu {
             }
             let mut groups = groups;
             if kernel == Kernel::Spmv {
-                // A workgroup takes 32 / ROW_LANES rows of a tile.
+                // The split is the launcher's (`spmv_parts`, which reads a COL_SPLIT override), and
+                // the epilogue pairs rows inside one workgroup.
+                constants.retain(|c| c.0 != "COL_SPLIT" && c.0 != "EPILOGUE");
+                constants.push(("COL_SPLIT", parts as f64));
+                if epilogue && parts == 1 {
+                    constants.retain(|c| c.0 != "ROW_LANES");
+                    constants.push(("ROW_LANES", 1.0));
+                    constants.push(("EPILOGUE", 1.0));
+                }
+                // A workgroup takes 32 / ROW_LANES rows of a tile and one column part.
                 let lanes = constants
                     .iter()
                     .find(|c| c.0 == "ROW_LANES")
@@ -231,7 +303,7 @@ impl Gpu {
                         "spmv ROW_LANES {lanes}: use 1, 2, 4, 8, 16 or 32"
                     )));
                 }
-                groups *= lanes as usize;
+                groups *= lanes as usize * parts;
             }
             if let Prologue::Norm { eps, .. } = prologue {
                 constants.push(("EPS", eps as f64));
@@ -239,7 +311,7 @@ impl Gpu {
             let (pipeline, layout) = self.pipeline(kernel, &constants)?;
             let mut buffers: Vec<&wgpu::Buffer> = vec![&c.params];
             buffers.extend(&c.planes);
-            buffers.extend([&x.buffer, &y.buffer, res]);
+            buffers.extend([&x.buffer, scratch.as_ref().unwrap_or(&y.buffer), res]);
             if kernel == Kernel::Spmv {
                 buffers.push(norm);
             }
@@ -249,7 +321,92 @@ impl Gpu {
             pass.set_bind_group(0, &bind, &[]);
             pass.dispatch_workgroups(gx, gy, 1);
         }
+        if let Some(scratch) = &scratch {
+            // The norm factor is the combine's to apply; SiLU * up was applied while staging.
+            let norm = matches!(prologue, Prologue::Norm { .. });
+            let mut constants = vec![
+                ("RESIDUAL", mode),
+                ("PROLOGUE", norm as u32 as f64),
+                ("EPILOGUE", epilogue as u32 as f64),
+            ];
+            if let Prologue::Norm { eps, .. } = prologue {
+                constants.push(("EPS", eps as f64));
+            }
+            let p = [word(y_len)?, word(parts)?, word(w.rows)?, word(w.cols)?];
+            self.launch(
+                pass,
+                Kernel::SpmvCombine,
+                &constants,
+                &p,
+                &[scratch, &y.buffer, res],
+                y_len.div_ceil(256),
+            )?;
+        }
         Ok(())
+    }
+
+    /// The value of a launcher knob or kernel override given in [`super::GpuOptions::overrides`]
+    /// (the last one of that name).
+    pub(crate) fn knob(&self, name: &str) -> Option<f64> {
+        self.overrides
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|o| o.1)
+    }
+
+    /// Column parts spmv cuts `w`'s rows into (1: no split; other codecs: 1). A `COL_SPLIT` override
+    /// sets it for every sparse product; otherwise a product of fewer than [`SPMV_COL_SPLIT_TILES`]
+    /// row tiles (`SPLIT_TILES`) gets parts enough for [`SPMV_COL_SPLIT_GROUPS`] workgroups
+    /// (`SPLIT_GROUPS`), each part at least [`SPMV_PART_BLOCKS`] blocks. Not where the scratch buffer
+    /// would exceed a storage binding.
+    pub fn spmv_parts(&self, w: &GpuMatrix) -> Result<usize> {
+        let Layout::Sparse { blocks, .. } = w.layout else {
+            return Ok(1);
+        };
+        let tiles = w.rows.div_ceil(TILE_ROWS).max(1);
+        let parts = match self.knob("COL_SPLIT") {
+            Some(v) if !(1.0..=256.0).contains(&v) || v.fract() != 0.0 => {
+                return Err(GpuError::Shape(format!(
+                    "spmv COL_SPLIT {v}: use a whole number of column parts from 1 to 256"
+                )))
+            }
+            Some(v) => v as usize,
+            None => {
+                let below = self
+                    .knob("SPLIT_TILES")
+                    .map_or(SPMV_COL_SPLIT_TILES, |v| v.max(0.0) as usize);
+                let aim = self
+                    .knob("SPLIT_GROUPS")
+                    .map_or(SPMV_COL_SPLIT_GROUPS, |v| v.max(1.0) as usize);
+                if tiles < below {
+                    aim.div_ceil(tiles).min(blocks / SPMV_PART_BLOCKS).max(1)
+                } else {
+                    1
+                }
+            }
+        };
+        let fits = 4 * (parts * (w.rows + 1)) as u64 <= self.limits().max_binding_bytes;
+        Ok(if fits { parts } else { 1 })
+    }
+
+    /// The column-split scratch buffer, at least `len` f32 values: one for every product, since the
+    /// products of a pass run one after another (each combine reads it before the next product
+    /// writes it).
+    fn split_scratch(&self, len: usize) -> Result<wgpu::Buffer> {
+        let mut kept = self.split_scratch.lock().map_err(|_| GpuError::Wgpu {
+            what: "using the split scratch buffer".into(),
+            reason: "a thread panicked while holding it".into(),
+        })?;
+        match kept.as_ref() {
+            Some(b) if b.size() >= 4 * len as u64 => Ok(b.clone()),
+            _ => {
+                let n = len.max(SPLIT_SCRATCH_MIN).next_power_of_two();
+                let b = self.zeros(n)?.buffer;
+                *kept = Some(b.clone());
+                Ok(b)
+            }
+        }
     }
 
     /// Rows per team of gemv_q3: 4, so that each x load serves 4 rows (on an H100 at the Phi-4 shapes

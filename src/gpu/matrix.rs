@@ -76,6 +76,9 @@ pub struct GpuMatrix {
     pub cols: usize,
     pub(crate) layout: Layout,
     pub(crate) chunks: Vec<Chunk>,
+    /// Rows in SwiGLU pairs order ([`Gpu::upload_gate_up`]): device row 32 t + j is gate row 16 t + j
+    /// and 32 t + 16 + j its up row, so that spmv's epilogue finds both in one tile.
+    pub(crate) swiglu_pairs: bool,
 }
 
 /// Element type of a dense device matrix (the output of decompress).
@@ -86,6 +89,12 @@ pub enum DenseKind {
 }
 
 impl GpuMatrix {
+    /// Whether the rows are in SwiGLU pairs order (see [`Gpu::upload_gate_up`]): products give their
+    /// outputs in that order, and [`Gpu::matvec_swiglu`] takes the matrix.
+    pub fn swiglu_pairs(&self) -> bool {
+        self.swiglu_pairs
+    }
+
     /// Number of row chunks (separate bindings and launches).
     pub fn chunks(&self) -> usize {
         self.chunks.len()
@@ -160,7 +169,25 @@ fn gpu_block(m: &SparseMatrix, row: usize, b: usize) -> Result<([u32; 2], [u32; 
     Ok((halves, words, rot as u8))
 }
 
-pub(crate) fn sparse_planes(m: &SparseMatrix, row0: usize, rows: usize) -> Result<SparsePlanes> {
+/// Device row `r` of a gate_up matrix of `rows` rows in SwiGLU pairs order: its row in the file.
+fn pairs_source(r: usize, rows: usize) -> usize {
+    let (t, j) = (r / TILE_ROWS, r % TILE_ROWS);
+    let half = TILE_ROWS / 2;
+    if j < half {
+        t * half + j
+    } else {
+        rows / 2 + t * half + j - half
+    }
+}
+
+/// The sparse GPU layout of device rows `row0 .. row0 + rows`, device row r holding file row
+/// `source(r)`.
+pub(crate) fn sparse_planes(
+    m: &SparseMatrix,
+    row0: usize,
+    rows: usize,
+    source: impl Fn(usize) -> usize + Sync,
+) -> Result<SparsePlanes> {
     let (nb, ng) = (m.blocks_per_row(), m.groups_per_row());
     let tiles = rows.div_ceil(TILE_ROWS);
     let recs = tiles * nb * TILE_ROWS;
@@ -183,7 +210,7 @@ pub(crate) fn sparse_planes(m: &SparseMatrix, row0: usize, rows: usize) -> Resul
                     let r = t * TILE_ROWS + l;
                     // Rows past the end walk a harmless full pattern; their sums are never stored.
                     let (h, w, rot) = if r < rows {
-                        gpu_block(m, row0 + r, b)?
+                        gpu_block(m, source(row0 + r), b)?
                     } else {
                         ([0xFFFF, 0xFFFF], [0; 4], 0)
                     };
@@ -200,7 +227,7 @@ pub(crate) fn sparse_planes(m: &SparseMatrix, row0: usize, rows: usize) -> Resul
                 let r = t * TILE_ROWS + l;
                 if r < rows {
                     p.scales[(t * ng + g) * TILE_ROWS + l] =
-                        m.scales[(row0 + r) * ng + g].to_bits();
+                        m.scales[source(row0 + r) * ng + g].to_bits();
                 }
             }
         }
@@ -366,6 +393,18 @@ impl Gpu {
 
     /// Uploads a tensor in any codec.
     pub fn upload(&self, w: &Tensor) -> Result<GpuMatrix> {
+        self.upload_rows(w, false)
+    }
+
+    /// Uploads gate_up_proj ([2 I, cols]: I gate rows, then I up rows) for spmv's SwiGLU epilogue:
+    /// in SwiGLU pairs order (see [`GpuMatrix::swiglu_pairs`]) where the codec is sparse and I a
+    /// multiple of 16, else as [`Gpu::upload`] does.
+    pub fn upload_gate_up(&self, w: &Tensor) -> Result<GpuMatrix> {
+        let pairs = matches!(w, Tensor::Sparse(_)) && w.shape()[0].is_multiple_of(TILE_ROWS);
+        self.upload_rows(w, pairs)
+    }
+
+    fn upload_rows(&self, w: &Tensor, pairs: bool) -> Result<GpuMatrix> {
         if let Err((plane, msg)) = w.validate() {
             return Err(GpuError::Layout(format!("plane '{plane}' {msg}")));
         }
@@ -424,7 +463,11 @@ impl Gpu {
                 };
                 let mut chunks = Vec::new();
                 for (row0, n) in plan(self, rows, nb * 16, TILE_ROWS)? {
-                    let p = sparse_planes(m, row0, n)?;
+                    let p = if pairs {
+                        sparse_planes(m, row0, n, |r| pairs_source(r, rows))?
+                    } else {
+                        sparse_planes(m, row0, n, |r| r)?
+                    };
                     let planes = vec![
                         self.buffer_with("masks", bytemuck::cast_slice(&p.masks), storage)?,
                         self.buffer_with("codes", bytemuck::cast_slice(&p.codes), storage)?,
@@ -439,7 +482,7 @@ impl Gpu {
                         row0 as u32,
                         tiles,
                         cols as u32,
-                        0,
+                        rows as u32,
                         0,
                     ])?;
                     chunks.push(Chunk {
@@ -526,6 +569,7 @@ impl Gpu {
             cols,
             layout,
             chunks,
+            swiglu_pairs: pairs,
         })
     }
 
@@ -566,6 +610,7 @@ impl Gpu {
             cols,
             layout,
             chunks,
+            swiglu_pairs: false,
         })
     }
 

@@ -25,7 +25,8 @@ mod transformer;
 
 pub use buffers::GpuVector;
 pub use context::{
-    AdapterSummary, Allocations, DeviceMemory, Features, Gpu, GpuOptions, LimitOverrides, Limits,
+    parse_overrides, AdapterSummary, Allocations, DeviceMemory, Features, Gpu, GpuOptions,
+    LimitOverrides, Limits,
 };
 pub use error::{GpuError, Result};
 pub use kernels::Prologue;

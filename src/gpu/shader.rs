@@ -12,6 +12,7 @@
 pub enum Kernel {
     Copy,
     Spmv,
+    SpmvCombine,
     Decompress,
     GemvF16,
     GemvF32,
@@ -73,9 +74,10 @@ impl Variant {
 use Binding::{Read, ReadWrite, Uniform};
 
 impl Kernel {
-    pub const ALL: [Kernel; 21] = [
+    pub const ALL: [Kernel; 22] = [
         Kernel::Copy,
         Kernel::Spmv,
+        Kernel::SpmvCombine,
         Kernel::Decompress,
         Kernel::GemvF16,
         Kernel::GemvF32,
@@ -138,6 +140,7 @@ impl Kernel {
         match self {
             Kernel::Copy => "copy.wgsl",
             Kernel::Spmv => "spmv.wgsl",
+            Kernel::SpmvCombine => "spmv_combine.wgsl",
             Kernel::Decompress => "decompress.wgsl",
             Kernel::GemvF16 => "gemv_f16.wgsl",
             Kernel::GemvF32 => "gemv_f32.wgsl",
@@ -165,6 +168,7 @@ impl Kernel {
         match self {
             Kernel::Copy => include_str!("../../wgsl/copy.wgsl"),
             Kernel::Spmv => include_str!("../../wgsl/spmv.wgsl"),
+            Kernel::SpmvCombine => include_str!("../../wgsl/spmv_combine.wgsl"),
             Kernel::Decompress => include_str!("../../wgsl/decompress.wgsl"),
             Kernel::GemvF16 => include_str!("../../wgsl/gemv_f16.wgsl"),
             Kernel::GemvF32 => include_str!("../../wgsl/gemv_f32.wgsl"),
@@ -192,6 +196,7 @@ impl Kernel {
         match self {
             Kernel::Copy => &[Uniform, Read, ReadWrite],
             Kernel::Spmv => &[Uniform, Read, Read, Read, Read, Read, ReadWrite, Read, Read],
+            Kernel::SpmvCombine => &[Uniform, Read, ReadWrite, Read],
             Kernel::Decompress => &[Uniform, Read, Read, Read, Read, ReadWrite],
             Kernel::GemvF16 | Kernel::GemvF32 => &[Uniform, Read, Read, ReadWrite, Read],
             Kernel::GemvQ4 | Kernel::GemvQ3 => &[Uniform, Read, Read, Read, ReadWrite, Read],

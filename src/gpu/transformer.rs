@@ -87,7 +87,7 @@ const ARGMAX_CHUNK: usize = 1024;
 impl Gpu {
     /// One dispatch of `kernel` over `groups` workgroups (2D when over the per-dimension limit).
     #[allow(clippy::too_many_arguments)]
-    fn launch(
+    pub(super) fn launch(
         &self,
         pass: &mut wgpu::ComputePass<'_>,
         kernel: Kernel,
@@ -340,7 +340,8 @@ impl Gpu {
         )
     }
 
-    /// out[t][i] = silu(gate_up[t][i]) * gate_up[t][width + i].
+    /// out[t][i] = silu(gate_up[t][i]) * gate_up[t][width + i]; with `pairs`, of gate_up rows in the
+    /// SwiGLU pairs order of a gate_up matrix from [`Gpu::upload_gate_up`] (width a multiple of 16).
     pub fn silu_mul(
         &self,
         pass: &mut wgpu::ComputePass<'_>,
@@ -348,12 +349,18 @@ impl Gpu {
         out: &wgpu::Buffer,
         width: usize,
         n: usize,
+        pairs: bool,
     ) -> Result<()> {
+        if pairs && !width.is_multiple_of(16) {
+            return Err(GpuError::Shape(format!(
+                "silu_mul of SwiGLU pairs of width {width}: pairs come 16 at a time"
+            )));
+        }
         let p = [word(width)?, word(n)?, 0, 0];
         self.launch(
             pass,
             Kernel::SiluMul,
-            &[],
+            &[("PAIRS", pairs as u32 as f64)],
             &p,
             &[gate_up, out],
             (n * width).div_ceil(256),

@@ -85,6 +85,12 @@ pub trait Backend {
 
     /// Takes a host weight matrix (CPU: as is; GPU: uploads its planes).
     fn matrix(&mut self, host: Tensor) -> Result<Self::Matrix>;
+    /// Takes gate_up_proj ([2 width, hidden]: gate rows, then up rows). A backend may keep its rows in
+    /// another order, since only [`Self::mlp`] is given it. Default: [`Self::matrix`].
+    fn gate_up_matrix(&mut self, host: Tensor) -> Result<Self::Matrix> {
+        self.matrix(host)
+    }
+
     /// A buffer holding `values`.
     fn buffer(&mut self, values: &[f32]) -> Result<Self::Buffer>;
     /// A buffer of `len` values whose contents are undefined until an op writes them.
@@ -234,6 +240,28 @@ pub trait Backend {
     ) {
         self.silu_mul(gate_up, mlp, width, n);
         self.matmul_add(w, mlp, y, n);
+    }
+
+    /// The MLP block: x[t] += down (silu(gate) * up) with [gate | up] = gate_up rmsnorm(x[t]) (`weight`,
+    /// `eps`, rows of `hidden`; gate and up of `width`), for t < n; `gate_up` from
+    /// [`Self::gate_up_matrix`]. `normed` [n, hidden], `gate_up_out` [n, 2 width] and `mlp` [n, width]
+    /// are scratch, undefined afterwards. Default: [`Self::matmul_norm`] then
+    /// [`Self::matmul_swiglu_add`].
+    #[allow(clippy::too_many_arguments)]
+    fn mlp(
+        &mut self,
+        gate_up: &Self::Matrix,
+        down: &Self::Matrix,
+        x: &mut Self::Buffer,
+        weight: &Self::Buffer,
+        eps: f32,
+        normed: &mut Self::Buffer,
+        gate_up_out: &mut Self::Buffer,
+        mlp: &mut Self::Buffer,
+        (n, hidden, width): (usize, usize, usize),
+    ) {
+        self.matmul_norm(gate_up, x, weight, eps, normed, gate_up_out, n, hidden);
+        self.matmul_swiglu_add(down, gate_up_out, mlp, x, width, n);
     }
 
     /// [`Self::rope`] then [`Self::store_kv`], in one launch where the backend can.

@@ -127,7 +127,7 @@ impl GpuBackend {
     /// `label` names the op in the profile (called only when profiling).
     fn record(
         &mut self,
-        label: impl FnOnce() -> String,
+        label: impl FnOnce(&Gpu) -> String,
         f: impl FnOnce(&Gpu, &mut wgpu::ComputePass<'static>) -> crate::gpu::Result<()>,
     ) {
         if self.error.is_some() {
@@ -151,7 +151,7 @@ impl GpuBackend {
             self.error = Some(e);
         }
         if let Some(p) = profile.as_mut() {
-            p.stamp(&mut rec.pass, label());
+            p.stamp(&mut rec.pass, label(gpu));
         }
         self.recording_time += started.elapsed();
     }
@@ -205,7 +205,7 @@ impl GpuBackend {
         }
         let token = self.token.clone();
         self.record(
-            || "argmax".into(),
+            |_| "argmax".into(),
             |gpu, pass| gpu.argmax(pass, &logits.buffer, 0, vocab, &token),
         );
         Ok(token)
@@ -266,7 +266,7 @@ impl GpuBackend {
         self.attention_partials = Some(partials.clone());
         let step = self.step.clone();
         self.record(
-            || "attention".into(),
+            |_| "attention".into(),
             |gpu, pass| {
                 let (q, k, v, o) = (&qkv.buffer, &k.buffer, &v.buffer, &out.buffer);
                 gpu.attention_decode(pass, q, k, v, &partials, o, &step, dims, chunks)
@@ -275,9 +275,17 @@ impl GpuBackend {
     }
 }
 
-/// The profile's name of a product: codec and shape (the shape tells Phi-4's projections apart).
-fn product_label(what: &str, w: &GpuMatrix, n: usize) -> String {
-    batch_label(&format!("{what} {:?} {}x{}", w.codec, w.rows, w.cols), n)
+/// The profile's name of a product: codec and shape (the shape tells Phi-4's projections apart), and
+/// for one position the column parts of a split spmv.
+fn product_label(gpu: &Gpu, what: &str, w: &GpuMatrix, n: usize) -> String {
+    let parts = match gpu.spmv_parts(w) {
+        Ok(p) if p > 1 && n == 1 => format!(" split {p}"),
+        _ => String::new(),
+    };
+    batch_label(
+        &format!("{what} {:?} {}x{}{parts}", w.codec, w.rows, w.cols),
+        n,
+    )
 }
 
 /// A batch (prefill) says its size, so that its rows stay apart from decode's in the profile.
@@ -329,6 +337,18 @@ impl Backend for GpuBackend {
         // spmm.wgsl has no q3 decoder: a model with q3 matrices feeds one position a pass.
         self.q3_weights |= host.codec() == crate::format::Codec::Q3;
         let m = self.gpu.upload(&host)?;
+        self.device_bytes += m.device_bytes();
+        Ok(m)
+    }
+
+    fn gate_up_matrix(&mut self, host: Tensor) -> Result<GpuMatrix> {
+        // Rows in SwiGLU pairs order (spmv's epilogue writes silu(gate) * up) unless the
+        // SWIGLU_EPILOGUE=0 knob (GpuOptions::overrides, UPG_OVERRIDES) asks for the file's order.
+        if self.gpu.knob("SWIGLU_EPILOGUE") == Some(0.0) {
+            return self.matrix(host);
+        }
+        self.q3_weights |= host.codec() == crate::format::Codec::Q3;
+        let m = self.gpu.upload_gate_up(&host)?;
         self.device_bytes += m.device_bytes();
         Ok(m)
     }
@@ -396,7 +416,7 @@ impl Backend for GpuBackend {
     fn embed(&mut self, table: &GpuMatrix, tokens: &[u32], out: &mut GpuVector) {
         let cols = table.cols;
         self.record(
-            || "embed".into(),
+            |_| "embed".into(),
             |gpu, pass| {
                 for (t, &id) in tokens.iter().enumerate() {
                     gpu.embed(pass, table, id as usize, &out.buffer, t * cols)?;
@@ -408,14 +428,14 @@ impl Backend for GpuBackend {
 
     fn matmul(&mut self, w: &GpuMatrix, x: &GpuVector, y: &mut GpuVector, n: usize) {
         self.record(
-            || product_label("matmul", w, n),
+            |gpu| product_label(gpu, "matmul", w, n),
             |gpu, pass| product(gpu, pass, w, x, y, n, false),
         );
     }
 
     fn matmul_add(&mut self, w: &GpuMatrix, x: &GpuVector, y: &mut GpuVector, n: usize) {
         self.record(
-            || product_label("matmul+add", w, n),
+            |gpu| product_label(gpu, "matmul+add", w, n),
             |gpu, pass| product(gpu, pass, w, x, y, n, true),
         );
     }
@@ -430,7 +450,7 @@ impl Backend for GpuBackend {
         width: usize,
     ) {
         self.record(
-            || batch_label("rmsnorm", n),
+            |_| batch_label("rmsnorm", n),
             |gpu, pass| {
                 gpu.rmsnorm(
                     pass,
@@ -459,7 +479,7 @@ impl Backend for GpuBackend {
         self.set_start(start);
         let step = self.step.clone();
         self.record(
-            || "rope".into(),
+            |_| "rope".into(),
             |gpu, pass| {
                 let half = s.rotary_dim / 2;
                 gpu.rope(
@@ -489,7 +509,7 @@ impl Backend for GpuBackend {
         self.set_start(start);
         let step = self.step.clone();
         self.record(
-            || "kv_store".into(),
+            |_| "kv_store".into(),
             |gpu, pass| gpu.kv_store(pass, &qkv.buffer, &k.buffer, &v.buffer, &step, &dims, n),
         );
     }
@@ -511,7 +531,7 @@ impl Backend for GpuBackend {
         }
         let step = self.step.clone();
         self.record(
-            || batch_label("attention", n),
+            |_| batch_label("attention", n),
             |gpu, pass| {
                 gpu.attention(
                     pass,
@@ -544,7 +564,7 @@ impl Backend for GpuBackend {
             return self.matmul(w, normed, y, n);
         }
         self.record(
-            || product_label("norm+matmul", w, 1),
+            |gpu| product_label(gpu, "norm+matmul", w, 1),
             |gpu, pass| {
                 let prologue = Prologue::Norm { weight, eps };
                 let (x, y) = (view(x, w.cols), view(y, w.rows));
@@ -567,12 +587,49 @@ impl Backend for GpuBackend {
             return self.matmul_add(w, mlp, y, n);
         }
         self.record(
-            || product_label("swiglu+matmul+add", w, 1),
+            |gpu| product_label(gpu, "swiglu+matmul+add", w, 1),
             |gpu, pass| {
                 let (x, y) = (view(gate_up, 2 * w.cols), view(y, w.rows));
                 gpu.matvec_fused(pass, w, &x, &y, Some(&y), Prologue::SwiGlu)
             },
         );
+    }
+
+    fn mlp(
+        &mut self,
+        gate_up: &GpuMatrix,
+        down: &GpuMatrix,
+        x: &mut GpuVector,
+        weight: &GpuVector,
+        eps: f32,
+        normed: &mut GpuVector,
+        gate_up_out: &mut GpuVector,
+        mlp: &mut GpuVector,
+        (n, hidden, width): (usize, usize, usize),
+    ) {
+        if !gate_up.swiglu_pairs() || gate_up.rows != 2 * width {
+            self.matmul_norm(gate_up, x, weight, eps, normed, gate_up_out, n, hidden);
+            return self.matmul_swiglu_add(down, gate_up_out, mlp, x, width, n);
+        }
+        if n == 1 {
+            // The SwiGLU epilogue: gate_up writes h = silu(gate) * up, down stages h as it is.
+            self.record(
+                |gpu| product_label(gpu, "norm+matmul+swiglu", gate_up, 1),
+                |gpu, pass| {
+                    let prologue = Prologue::Norm { weight, eps };
+                    let (x, h) = (view(x, hidden), view(mlp, width));
+                    gpu.matvec_swiglu(pass, gate_up, &x, &h, prologue)
+                },
+            );
+            return self.matmul_add(down, mlp, x, 1);
+        }
+        // A batch: gate_up's rows come out in pairs order, which silu_mul reads.
+        self.matmul_norm(gate_up, x, weight, eps, normed, gate_up_out, n, hidden);
+        self.record(
+            |_| batch_label("silu_mul", n),
+            |gpu, pass| gpu.silu_mul(pass, &gate_up_out.buffer, &mlp.buffer, width, n, true),
+        );
+        self.matmul_add(down, mlp, x, n);
     }
 
     fn rope_store_kv(
@@ -595,7 +652,7 @@ impl Backend for GpuBackend {
         self.set_start(start);
         let step = self.step.clone();
         self.record(
-            || "rope+kv_store".into(),
+            |_| "rope+kv_store".into(),
             |gpu, pass| {
                 let (q, c, si) = (&qkv.buffer, &cos.buffer, &sin.buffer);
                 gpu.rope_kv(pass, q, c, si, &k.buffer, &v.buffer, &step, &dims, half, n)
@@ -605,14 +662,14 @@ impl Backend for GpuBackend {
 
     fn silu_mul(&mut self, gate_up: &GpuVector, out: &mut GpuVector, width: usize, n: usize) {
         self.record(
-            || "silu_mul".into(),
-            |gpu, pass| gpu.silu_mul(pass, &gate_up.buffer, &out.buffer, width, n),
+            |_| "silu_mul".into(),
+            |gpu, pass| gpu.silu_mul(pass, &gate_up.buffer, &out.buffer, width, n, false),
         );
     }
 
     fn add(&mut self, x: &mut GpuVector, y: &GpuVector, len: usize) {
         self.record(
-            || "add".into(),
+            |_| "add".into(),
             |gpu, pass| gpu.add(pass, &x.buffer, &y.buffer, len),
         );
     }
@@ -708,7 +765,7 @@ impl Backend for GpuBackend {
     fn embed_queued(&mut self, table: &GpuMatrix, out: &mut GpuVector) {
         let token = self.token.clone();
         self.record(
-            || "embed".into(),
+            |_| "embed".into(),
             |gpu, pass| gpu.embed_token(pass, table, &token, &out.buffer, 0),
         );
     }

@@ -120,7 +120,12 @@ impl<B: Backend> Phi3<B> {
         let c = &config;
         backend.check_fit(c, &weights, ctx, batch)?;
         let shape = AttentionShape::new(c, ctx);
-        let weights = weights.convert(&mut backend, |b, m| b.matrix(m), |b, v| b.buffer(&v))?;
+        let weights = weights.convert(
+            &mut backend,
+            |b, m| b.matrix(m),
+            |b, m| b.gate_up_matrix(m),
+            |b, v| b.buffer(&v),
+        )?;
         let mut table = |set| -> Result<(B::Buffer, B::Buffer)> {
             let t = RopeTable::new(c, set, ctx);
             Ok((backend.buffer(&t.cos)?, backend.buffer(&t.sin)?))
@@ -323,19 +328,19 @@ impl<B: Backend> Phi3<B> {
             );
             b.matmul_add(&layer.o, &a.att, &mut a.x, n);
 
-            // MLP block: RMSNorm inside the gate_up projection, SiLU(gate) * up inside down's.
-            let norm = &layer.mlp_norm;
-            b.matmul_norm(
+            // MLP block: RMSNorm inside the gate_up projection, SiLU(gate) * up inside gate_up's
+            // epilogue or down's prologue.
+            b.mlp(
                 &layer.gate_up,
-                &a.x,
-                norm,
+                &layer.down,
+                &mut a.x,
+                &layer.mlp_norm,
                 eps,
                 &mut a.xb,
                 &mut a.gate_up,
-                n,
-                hidden,
+                &mut a.mlp,
+                (n, hidden, inter),
             );
-            b.matmul_swiglu_add(&layer.down, &a.gate_up, &mut a.mlp, &mut a.x, inter, n);
         }
 
         match want {

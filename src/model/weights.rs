@@ -78,11 +78,13 @@ impl<M, V> Weights<M, V> {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
-    /// Converts every matrix with `m` and every vector with `v`, both given `ctx` (a backend's upload).
+    /// Converts every matrix with `m` (gate_up with `gate_up`) and every vector with `v`, all given
+    /// `ctx` (a backend's upload).
     pub fn convert<C, M2, V2, E>(
         self,
         ctx: &mut C,
         m: impl Fn(&mut C, M) -> std::result::Result<M2, E>,
+        gate_up: impl Fn(&mut C, M) -> std::result::Result<M2, E>,
         v: impl Fn(&mut C, V) -> std::result::Result<V2, E>,
     ) -> std::result::Result<Weights<M2, V2>, E> {
         let mut layers = Vec::with_capacity(self.layers.len());
@@ -92,7 +94,7 @@ impl<M, V> Weights<M, V> {
                 qkv: m(ctx, l.qkv)?,
                 o: m(ctx, l.o)?,
                 mlp_norm: v(ctx, l.mlp_norm)?,
-                gate_up: m(ctx, l.gate_up)?,
+                gate_up: gate_up(ctx, l.gate_up)?,
                 down: m(ctx, l.down)?,
             });
         }
