@@ -249,15 +249,15 @@ fn spmv_with_columns_split_over_workgroups_matches_the_reference() {
             }
         }
     }
-    // The launcher's rule: few row tiles and rows of at least 2 x 16 blocks get split, many tiles or
-    // short rows not; SPLIT_TILES=0 turns it off.
+    // The launcher's rule: few row tiles and rows of at least 2 x 64 blocks get split, many tiles or
+    // shorter rows not; SPLIT_TILES=0 turns it off.
     let Some(gpu) = variants(LimitOverrides::default()).into_iter().next() else {
         return;
     };
-    let (rows, cols) = (40, 2100);
+    let (rows, cols) = (40, 8200);
     let w = Tensor::Sparse(SparseMatrix::random(rows, cols, 128, &mut rng).unwrap());
     let m = gpu.upload(&w).unwrap();
-    assert_eq!(gpu.spmv_parts(&m).unwrap(), 2, "2 tiles of 33 blocks");
+    assert_eq!(gpu.spmv_parts(&m).unwrap(), 2, "2 tiles of 129 blocks");
     let x = random_x(&mut rng, cols);
     let (want, tol) = reference_f64(&w, &x, None);
     check(
@@ -268,10 +268,10 @@ fn spmv_with_columns_split_over_workgroups_matches_the_reference() {
     );
     let short = gpu
         .upload(&Tensor::Sparse(
-            SparseMatrix::random(rows, 1000, 128, &mut rng).unwrap(),
+            SparseMatrix::random(rows, 5120, 128, &mut rng).unwrap(),
         ))
         .unwrap();
-    assert_eq!(gpu.spmv_parts(&short).unwrap(), 1, "16 blocks stay whole");
+    assert_eq!(gpu.spmv_parts(&short).unwrap(), 1, "80 blocks stay whole");
     let off = variants_with(LimitOverrides::default(), &[("SPLIT_TILES", 0.0)]);
     if let Some(g) = off.first() {
         assert_eq!(g.spmv_parts(&g.upload(&w).unwrap()).unwrap(), 1);
