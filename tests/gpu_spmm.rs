@@ -165,13 +165,18 @@ fn sparse_batches_match_the_reference() {
     sparse_cases(&gpu, "sparse_batches_match_the_reference");
 }
 
-/// The same cases on the matrix units (spmm_coop.wgsl), where the device has cooperative matrices,
-/// with workgroups of 64 and of 128 tokens.
+/// The same cases on the matrix units (spmm_coop.wgsl), where the device has cooperative matrices:
+/// workgroups of 64 and of 128 tokens, columns whole (the launcher's choice for these short rows) and
+/// in two parts.
 #[test]
 fn sparse_batches_on_the_matrix_units_match_the_reference() {
-    for bn in [64.0, 128.0] {
+    for set in [
+        vec![("BN", 64.0)],
+        vec![("BN", 128.0)],
+        vec![("BN", 128.0), ("SPLIT", 2.0)],
+    ] {
         let Some(gpu) = gpu_or_skip(GpuOptions {
-            overrides: vec![("BN".into(), bn)],
+            overrides: set.iter().map(|&(k, v)| (k.to_string(), v)).collect(),
             ..GpuOptions::default()
         }) else {
             return;
@@ -183,7 +188,7 @@ fn sparse_batches_on_the_matrix_units_match_the_reference() {
             );
             return;
         }
-        sparse_cases(&gpu, &format!("sparse_batches_on_the_matrix_units BN={bn}"));
+        sparse_cases(&gpu, &format!("sparse_batches_on_the_matrix_units {set:?}"));
     }
 }
 

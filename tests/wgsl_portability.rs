@@ -81,7 +81,12 @@ fn override_sets(k: Kernel) -> Vec<Vec<(&'static str, f64)>> {
         Kernel::SpmmCoop => vec![
             vec![],
             vec![("GROUP_BLOCKS", 4.0), ("RESIDUAL", 1.0)],
-            vec![("X_LO", 0.0), ("RESIDUAL", 2.0), ("BN", 64.0)],
+            vec![
+                ("X_LO", 0.0),
+                ("RESIDUAL", 2.0),
+                ("BN", 64.0),
+                ("SPLIT", 2.0),
+            ],
         ],
         Kernel::Copy
         | Kernel::Rmsnorm

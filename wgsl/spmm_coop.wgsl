@@ -33,10 +33,14 @@
 //   5  storage, read      x:   array<f16>  [2, n, cols]: the high parts of x, then the low parts
 //   6  storage, read_write y:   array<f32>  [n, y_cols]; the chunk's rows at row0 ..
 //   7  storage, read      res: array<f32>  like y, read only when RESIDUAL == 1
+//   8  storage, read_write part: array<f32> like y: column part 1's sums when SPLIT == 2 (the launcher
+//                                          then adds it to y with add.wgsl)
 // Workgroup: 256 threads in subgroups of 32 (the launcher checks the adapter's subgroup size);
 // 46 KiB of workgroup memory at BN = 128.
-// Dispatch: row_groups * ceil(n / BN) workgroups, (x, y) with id = x + y * num_workgroups.x when over
-// 65535; row group id % row_groups, token tile id / row_groups.
+// Dispatch: row_groups * ceil(n / BN) * SPLIT workgroups, (x, y) with id = x + y * num_workgroups.x
+// when over 65535; row group id % row_groups, then token tile, then column part. SPLIT = 2 halves the
+// blocks of each workgroup and doubles the workgroups, for products of few row groups (5120 rows
+// x 512 tokens: 160 workgroups for an H100's 132 SMs).
 // Every loop runs a count fixed before it starts and every index stays inside its binding (the launcher
 // checks the shapes), so the launcher builds this kernel without wgpu's loop bounding.
 // Features: shader-f16 and wgpu's experimental cooperative matrices (16 x 16 x 16, f16 -> f32): Vulkan
@@ -65,6 +69,7 @@ override RESIDUAL: u32 = 0u;
 override X_LO: u32 = 1u;         // 0: x as f16 alone (one product per step instead of two)
 const BM: u32 = 128u;            // rows per workgroup
 override BN: u32 = 128u;         // tokens per workgroup: 128 or 64
+override SPLIT: u32 = 1u;        // column parts: 1, or 2 (part 1 into `part`, added to y after)
 const WG: u32 = 256u;
 // Row strides of ws (64 columns) and of xh, xl (32): 8 more, so that the 16-byte rows of a matrix
 // load fall in different banks.
@@ -79,6 +84,7 @@ const LDX: u32 = 40u;
 @group(0) @binding(5) var<storage, read> x: array<f16>;
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
 @group(0) @binding(7) var<storage, read> res: array<f32>;
+@group(0) @binding(8) var<storage, read_write> part: array<f32>;
 
 var<workgroup> ws: array<f16, 9216>; // [128 rows][LD]
 var<workgroup> xh: array<f16, BN * LDX>; // [BN tokens][LDX]
@@ -150,9 +156,14 @@ fn stage_x(tok0: u32, col0: u32, li: u32) {
     }
 }
 
-fn store(t: u32, r: u32, v: f32) {
+// Column part sp of y[t][row0 + r]: part 0 into y (with the residual), part 1 into `part`.
+fn store(t: u32, r: u32, v: f32, sp: u32) {
     if t < params.n && r < params.rows {
         let i = t * params.y_cols + params.row0 + r;
+        if sp == 1u {
+            part[i] = v;
+            return;
+        }
         var s = v;
         if RESIDUAL == 1u {
             s += res[i];
@@ -165,12 +176,12 @@ fn store(t: u32, r: u32, v: f32) {
 
 // Accumulator c (rows r0 .. + 15, tokens t0 .. + 15) out through subgroup s's slice of cs. Call from
 // uniform control flow.
-fn put(c: coop_mat16x16<f32, C>, s: u32, lane: u32, r0: u32, t0: u32) {
+fn put(c: coop_mat16x16<f32, C>, s: u32, lane: u32, r0: u32, t0: u32, sp: u32) {
     coopStore(c, &cs[256u * s], 16u);
     workgroupBarrier();
     for (var e = 0u; e < 8u; e++) {
         let i = lane + 32u * e;
-        store(t0 + i / 16u, r0 + i % 16u, cs[256u * s + i]);
+        store(t0 + i / 16u, r0 + i % 16u, cs[256u * s + i], sp);
     }
     workgroupBarrier();
 }
@@ -182,11 +193,17 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
     let id = wg.x + wg.y * nwg.x;
-    if id >= params.row_groups * ((params.n + BN - 1u) / BN) {
+    let token_tiles = (params.n + BN - 1u) / BN;
+    if id >= params.row_groups * token_tiles * SPLIT {
         return;
     }
     let rg = id % params.row_groups;
-    let tok0 = (id / params.row_groups) * BN;
+    let tok0 = ((id / params.row_groups) % token_tiles) * BN;
+    // Column part sp of SPLIT: blocks b0 .. b1.
+    let sp = id / (params.row_groups * token_tiles);
+    let per = (params.blocks + SPLIT - 1u) / SPLIT;
+    let b0 = min(sp * per, params.blocks);
+    let b1 = min(b0 + per, params.blocks);
     let r = li % BM;
     let h = li / BM;
     let s = li / 32u;
@@ -202,7 +219,7 @@ fn main(
     var c12 = coop_mat16x16<f32, C>();
     var c13 = coop_mat16x16<f32, C>();
 
-    for (var b = 0u; b < params.blocks; b++) {
+    for (var b = b0; b < b1; b++) {
         let rec = load_record(rg, b, r, h);
         workgroupBarrier();
         // 1. zero ws (36 entries a thread), then this thread's 16 kept weights of the block
@@ -264,14 +281,14 @@ fn main(
     let lane = li % 32u;
     let r0 = rg * BM + rs;
     let t0 = tok0 + ts;
-    put(c00, s, lane, r0, t0);
-    put(c01, s, lane, r0, t0 + 16u);
-    put(c10, s, lane, r0 + 16u, t0);
-    put(c11, s, lane, r0 + 16u, t0 + 16u);
+    put(c00, s, lane, r0, t0, sp);
+    put(c01, s, lane, r0, t0 + 16u, sp);
+    put(c10, s, lane, r0 + 16u, t0, sp);
+    put(c11, s, lane, r0 + 16u, t0 + 16u, sp);
     if BN == 128u {
-        put(c02, s, lane, r0, t0 + 32u);
-        put(c03, s, lane, r0, t0 + 48u);
-        put(c12, s, lane, r0 + 16u, t0 + 32u);
-        put(c13, s, lane, r0 + 16u, t0 + 48u);
+        put(c02, s, lane, r0, t0 + 32u, sp);
+        put(c03, s, lane, r0, t0 + 48u, sp);
+        put(c12, s, lane, r0 + 16u, t0 + 32u, sp);
+        put(c13, s, lane, r0 + 16u, t0 + 48u, sp);
     }
 }

@@ -225,6 +225,8 @@ pub struct Gpu {
     binds: Mutex<HashMap<(wgpu::BindGroupLayout, Vec<wgpu::Buffer>), wgpu::BindGroup>>,
     /// The batched product's x in two f16 parts (spmm_coop.wgsl), grown to the largest batch seen.
     pub(crate) split_x: Mutex<Option<wgpu::Buffer>>,
+    /// Its column part 1 when it splits the columns in two.
+    pub(crate) coop_part: Mutex<Option<wgpu::Buffer>>,
 }
 
 /// Entries each cache keeps before it starts over (a bound on what one-off launches can pin).
@@ -448,6 +450,7 @@ impl Gpu {
             uniforms: Mutex::new(HashMap::new()),
             binds: Mutex::new(HashMap::new()),
             split_x: Mutex::new(None),
+            coop_part: Mutex::new(None),
         })
     }
 
@@ -511,8 +514,10 @@ impl Gpu {
         if let Ok(mut b) = self.binds.lock() {
             b.clear();
         }
-        if let Ok(mut x) = self.split_x.lock() {
-            x.take();
+        for slot in [&self.split_x, &self.coop_part] {
+            if let Ok(mut b) = slot.lock() {
+                b.take();
+            }
         }
     }
 

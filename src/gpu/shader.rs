@@ -212,9 +212,10 @@ impl Kernel {
             Kernel::Add => &[Uniform, ReadWrite, Read],
             Kernel::Argmax => &[Uniform, Read, ReadWrite],
             Kernel::Embed => &[Uniform, Read, Read, ReadWrite, Read],
-            Kernel::Spmm | Kernel::SpmmCoop => {
-                &[Uniform, Read, Read, Read, Read, Read, ReadWrite, Read]
-            }
+            Kernel::Spmm => &[Uniform, Read, Read, Read, Read, Read, ReadWrite, Read],
+            Kernel::SpmmCoop => &[
+                Uniform, Read, Read, Read, Read, Read, ReadWrite, Read, ReadWrite,
+            ],
         }
     }
 

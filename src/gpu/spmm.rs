@@ -13,6 +13,12 @@ const ROW_TILE: usize = 128;
 const BATCH_TILE: usize = 128;
 /// Workgroup memory of spmm.wgsl: the W tile and the x tile, 16 KiB each.
 const TILE_BYTES: u32 = 32 << 10;
+/// spmm_coop.wgsl splits the columns in two for products of fewer workgroups (row groups x token
+/// tiles) than this, twice an H100's 132 SMs (the adapter does not say how many it has), and rows of
+/// at least `COOP_SPLIT_BLOCKS` blocks. H100, n = 512: 5120 x 17920 (280 blocks) 2177 -> 1651 us;
+/// 5120 x 5120 (80) 582 -> 748 us, so shorter rows stay whole.
+const COOP_SPLIT_BELOW: usize = 264;
+const COOP_SPLIT_BLOCKS: usize = 160;
 /// spmm_coop.wgsl: 128 rows of W by 128 tokens a workgroup (46 KiB of workgroup memory). Its BN = 64
 /// (a bench and test knob) gives twice the workgroups, which would fill an H100's 132 SMs better at
 /// 5120 rows, but it decodes each block for half the tokens: slower at every Phi-4 shape (H100, n =
@@ -102,6 +108,7 @@ impl Gpu {
                 ))
             }
         };
+        let mut ksplit = 1;
         let (kernel, batch_tile, mut constants) = if coop {
             let tile = match self.overrides.iter().find(|o| o.0 == "BN") {
                 // Bench and test knob.
@@ -113,10 +120,32 @@ impl Gpu {
                 }
                 None => COOP_BATCH_TILE,
             };
+            let row_groups: usize = w.chunks.iter().map(|c| c.rows.div_ceil(ROW_TILE)).sum();
+            ksplit = match self.overrides.iter().find(|o| o.0 == "SPLIT") {
+                Some(&(_, v)) if v == 1.0 || v == 2.0 => v as usize,
+                Some(&(_, v)) => {
+                    return Err(GpuError::Shape(format!(
+                        "override SPLIT={v}: spmm_coop.wgsl takes 1 or 2 column parts"
+                    )))
+                }
+                None if row_groups * n.div_ceil(tile) < COOP_SPLIT_BELOW
+                    && blocks >= COOP_SPLIT_BLOCKS =>
+                {
+                    2
+                }
+                None => 1,
+            };
+            if 4 * (n * w.rows) as u64 > self.limits().max_binding_bytes {
+                ksplit = 1;
+            }
             (
                 Kernel::SpmmCoop,
                 tile,
-                vec![(group.0, group.1 as f64), ("BN", tile as f64)],
+                vec![
+                    (group.0, group.1 as f64),
+                    ("BN", tile as f64),
+                    ("SPLIT", ksplit as f64),
+                ],
             )
         } else {
             (
@@ -135,6 +164,17 @@ impl Gpu {
         let (pipeline, layout) = self.pipeline(kernel, &constants)?;
         let split = if coop {
             Some(self.split_x(pass, x, split_bytes)?)
+        } else {
+            None
+        };
+        // spmm_coop's column part 1 (bound, unused, at its smallest without a split).
+        let part = if coop {
+            let bytes = if ksplit == 2 {
+                4 * (n * w.rows) as u64
+            } else {
+                256
+            };
+            Some(self.kept(&self.coop_part, bytes, "the batched product's column part")?)
         } else {
             None
         };
@@ -171,14 +211,44 @@ impl Gpu {
                     .take(4),
             );
             buffers.extend([split.as_ref().unwrap_or(&x.buffer), &y.buffer, res]);
+            buffers.extend(part.as_ref());
             let bind = self.bind(&layout, &buffers)?;
-            let groups = row_groups as u64 * n.div_ceil(batch_tile) as u64;
+            let groups = (row_groups * n.div_ceil(batch_tile) * ksplit) as u64;
             let (gx, gy) = self.grid(groups)?;
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &bind, &[]);
             pass.dispatch_workgroups(gx, gy, 1);
         }
+        if let (2, Some(part)) = (ksplit, &part) {
+            self.add(pass, &y.buffer, part, n * w.rows)?;
+        }
         Ok(())
+    }
+
+    /// A buffer kept in `slot` of at least `bytes` (made again, larger, when it is smaller).
+    fn kept(
+        &self,
+        slot: &std::sync::Mutex<Option<wgpu::Buffer>>,
+        bytes: u64,
+        what: &str,
+    ) -> Result<wgpu::Buffer> {
+        let mut kept = slot.lock().map_err(|_| GpuError::Wgpu {
+            what: what.into(),
+            reason: "lock poisoned".into(),
+        })?;
+        if let Some(b) = kept.as_ref().filter(|b| b.size() >= bytes) {
+            return Ok(b.clone());
+        }
+        let b = self.scoped(&format!("allocating {what}"), || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(what),
+                size: bytes,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        })?;
+        *kept = Some(b.clone());
+        Ok(b)
     }
 
     /// Records split_f16.wgsl: x into its two f16 parts in the kept buffer (grown to `bytes` when
@@ -189,27 +259,7 @@ impl Gpu {
         x: &GpuVector,
         bytes: u64,
     ) -> Result<wgpu::Buffer> {
-        let buffer = {
-            let mut kept = self.split_x.lock().map_err(|_| GpuError::Wgpu {
-                what: "the batched product's x buffer".into(),
-                reason: "lock poisoned".into(),
-            })?;
-            match kept.as_ref() {
-                Some(b) if b.size() >= bytes => b.clone(),
-                _ => {
-                    let b = self.scoped("allocating the batched product's x", || {
-                        self.device.create_buffer(&wgpu::BufferDescriptor {
-                            label: Some("x in f16 parts"),
-                            size: bytes,
-                            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-                            mapped_at_creation: false,
-                        })
-                    })?;
-                    *kept = Some(b.clone());
-                    b
-                }
-            }
-        };
+        let buffer = self.kept(&self.split_x, bytes, "the batched product's x in f16 parts")?;
         let (pipeline, layout) = self.pipeline(Kernel::SplitF16, &[])?;
         let params = self.uniform(&[word(x.len, "x length")?, 0, 0, 0])?;
         let bind = self.bind(&layout, &[&params, &x.buffer, &buffer])?;
