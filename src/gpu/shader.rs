@@ -204,9 +204,10 @@ impl Kernel {
             Kernel::Rope => &[Uniform, ReadWrite, Read, Read, Read],
             Kernel::RopeKv => &[Uniform, ReadWrite, Read, Read, ReadWrite, ReadWrite, Read],
             Kernel::KvStore => &[Uniform, Read, ReadWrite, ReadWrite, Read],
-            Kernel::Attention | Kernel::AttentionSplit => {
-                &[Uniform, Read, Read, Read, ReadWrite, Read]
-            }
+            Kernel::Attention => &[Uniform, Read, Read, Read, ReadWrite, Read],
+            Kernel::AttentionSplit => &[
+                Uniform, Read, ReadWrite, ReadWrite, ReadWrite, Read, Read, Read,
+            ],
             Kernel::AttentionCombine => &[Uniform, Read, ReadWrite, Read],
             Kernel::SiluMul | Kernel::SplitF16 => &[Uniform, Read, ReadWrite],
             Kernel::Add => &[Uniform, ReadWrite, Read],

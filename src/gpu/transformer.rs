@@ -290,6 +290,9 @@ impl Gpu {
     /// of keys and kv head a partial softmax into `partials` (attention_split.wgsl), then one merge per
     /// head into `out` (attention_combine.wgsl). Reads each key and value once for all query heads of
     /// a kv head, and fills the GPU at long contexts where [`Gpu::attention`] has one workgroup per head.
+    /// With `rope` (the cos and sin tables, [ctx, half], and half = rotary_dim / 2) it also does
+    /// [`Gpu::rope_kv`]'s work for the row, one launch fewer: q and the row's key rotated, the key and
+    /// value written to cache row step[0]; qkv stays unrotated.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_decode(
         &self,
@@ -302,8 +305,17 @@ impl Gpu {
         step: &wgpu::Buffer,
         dims: &AttentionDims,
         chunks: usize,
+        rope: Option<(&wgpu::Buffer, &wgpu::Buffer, usize)>,
     ) -> Result<()> {
         check_attention(dims)?;
+        if let Some((_, _, half)) = rope {
+            if half == 0 || 2 * half > dims.head_dim {
+                return Err(GpuError::Shape(format!(
+                    "a rotary half of {half} does not fit heads of {} dimensions",
+                    dims.head_dim
+                )));
+            }
+        }
         if !(1..=MAX_CHUNKS).contains(&chunks) {
             return Err(GpuError::Shape(format!(
                 "split attention into {chunks} chunks; it takes 1 to {MAX_CHUNKS}"
@@ -319,7 +331,11 @@ impl Gpu {
             )));
         }
         let p = attention_params(dims, chunks)?;
-        let c = [("KV_F16", dims.kv_f16 as u32 as f64)];
+        let (cos, sin, half) = rope.unwrap_or((&self.dummy, &self.dummy, 0));
+        let c = [
+            ("KV_F16", dims.kv_f16 as u32 as f64),
+            ("ROPE_HALF", half as f64),
+        ];
         // Query heads of one kv head, 4 to a workgroup (attention_split.wgsl's GROUP).
         let qgroups = (dims.heads / dims.kv_heads).div_ceil(4);
         self.launch(
@@ -327,7 +343,7 @@ impl Gpu {
             Kernel::AttentionSplit,
             &c,
             &p,
-            &[qkv, k_cache, v_cache, partials, step],
+            &[qkv, k_cache, v_cache, partials, step, cos, sin],
             dims.kv_heads * qgroups * chunks,
         )?;
         self.launch(

@@ -281,6 +281,26 @@ pub trait Backend {
         self.store_kv(qkv, k_cache, v_cache, shape, start, n);
     }
 
+    /// [`Self::rope_store_kv`] then [`Self::attention`] over the updated cache, in fewer launches where
+    /// the backend can (the GPU's decode step folds RoPE and the K/V append into its attention). qkv
+    /// may be left rotated or not: nothing reads it afterwards.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_attention(
+        &mut self,
+        qkv: &mut Self::Buffer,
+        cos: &Self::Buffer,
+        sin: &Self::Buffer,
+        k_cache: &mut Self::Buffer,
+        v_cache: &mut Self::Buffer,
+        out: &mut Self::Buffer,
+        shape: &AttentionShape,
+        start: usize,
+        n: usize,
+    ) {
+        self.rope_store_kv(qkv, cos, sin, k_cache, v_cache, shape, start, n);
+        self.attention(qkv, k_cache, v_cache, out, shape, start, n);
+    }
+
     /// Ends the pass: the token `sampler` picks from logits[..vocab] after the tokens in `history`.
     fn sample(
         &mut self,

@@ -236,7 +236,7 @@ impl GpuBackend {
     }
 
     /// [`Gpu::attention_decode`] of the one row of a decode step, with the partials buffer kept
-    /// from step to step.
+    /// from step to step; `rope`: cos, sin and the rotary half, to rotate and append the row too.
     fn attention_decode(
         &mut self,
         qkv: &GpuVector,
@@ -245,6 +245,7 @@ impl GpuBackend {
         out: &GpuVector,
         dims: &AttentionDims,
         ctx: usize,
+        rope: Option<(&GpuVector, &GpuVector, usize)>,
     ) {
         let chunks = Gpu::attention_chunks(ctx);
         let len = Gpu::attention_partials_len(dims, chunks);
@@ -265,11 +266,18 @@ impl GpuBackend {
         };
         self.attention_partials = Some(partials.clone());
         let step = self.step.clone();
+        let label = if rope.is_some() {
+            "rope+kv_store+attention"
+        } else {
+            "attention"
+        };
+        let rope = rope.map(|(c, s, half)| (c.buffer.clone(), s.buffer.clone(), half));
         self.record(
-            |_| "attention".into(),
+            |_| label.into(),
             |gpu, pass| {
                 let (q, k, v, o) = (&qkv.buffer, &k.buffer, &v.buffer, &out.buffer);
-                gpu.attention_decode(pass, q, k, v, &partials, o, &step, dims, chunks)
+                let rope = rope.as_ref().map(|(c, s, half)| (c, s, *half));
+                gpu.attention_decode(pass, q, k, v, &partials, o, &step, dims, chunks, rope)
             },
         );
     }
@@ -527,7 +535,7 @@ impl Backend for GpuBackend {
         let dims = self.dims(s);
         self.set_start(start);
         if n == 1 {
-            return self.attention_decode(qkv, k, v, out, &dims, s.ctx);
+            return self.attention_decode(qkv, k, v, out, &dims, s.ctx, None);
         }
         let step = self.step.clone();
         self.record(
@@ -658,6 +666,28 @@ impl Backend for GpuBackend {
                 gpu.rope_kv(pass, q, c, si, &k.buffer, &v.buffer, &step, &dims, half, n)
             },
         );
+    }
+
+    fn rope_attention(
+        &mut self,
+        qkv: &mut GpuVector,
+        cos: &GpuVector,
+        sin: &GpuVector,
+        k: &mut GpuVector,
+        v: &mut GpuVector,
+        out: &mut GpuVector,
+        s: &AttentionShape,
+        start: usize,
+        n: usize,
+    ) {
+        let half = s.rotary_dim / 2;
+        if n != 1 || half == 0 || self.gpu.knob("FUSED_ROPE") == Some(0.0) {
+            self.rope_store_kv(qkv, cos, sin, k, v, s, start, n);
+            return self.attention(qkv, k, v, out, s, start, n);
+        }
+        let dims = self.dims(s);
+        self.set_start(start);
+        self.attention_decode(qkv, k, v, out, &dims, s.ctx, Some((cos, sin, half)));
     }
 
     fn silu_mul(&mut self, gate_up: &GpuVector, out: &mut GpuVector, width: usize, n: usize) {

@@ -311,21 +311,13 @@ impl<B: Backend> Phi3<B> {
         }
         for (l, layer) in w.layers.iter().enumerate() {
             let (k, v) = (&mut self.cache.k[l], &mut self.cache.v[l]);
-            // Attention block: RMSNorm inside the qkv projection, RoPE together with the K/V append.
+            // Attention block: RMSNorm inside the qkv projection; RoPE, the K/V append and attention
+            // (in one launch for a decode step on the GPU).
             let norm = &layer.attn_norm;
             b.matmul_norm(
                 &layer.qkv, &a.x, norm, eps, &mut a.xb, &mut a.qkv, n, hidden,
             );
-            b.rope_store_kv(&mut a.qkv, cos, sin, k, v, s, start, n);
-            b.attention(
-                &a.qkv,
-                &self.cache.k[l],
-                &self.cache.v[l],
-                &mut a.att,
-                s,
-                start,
-                n,
-            );
+            b.rope_attention(&mut a.qkv, cos, sin, k, v, &mut a.att, s, start, n);
             b.matmul_add(&layer.o, &a.att, &mut a.x, n);
 
             // MLP block: RMSNorm inside the gate_up projection, SiLU(gate) * up inside gate_up's
