@@ -282,10 +282,7 @@ impl Gpu {
         word(n * dims.qkv_dim())?;
         let groups = (n * group).div_ceil(rows) * dims.kv_heads;
         let p = attention_params(dims, n)?;
-        let c = [
-            ("KV_F16", dims.kv_f16 as u32 as f64),
-            ("ROWS", rows as f64),
-        ];
+        let c = [("KV_F16", dims.kv_f16 as u32 as f64), ("ROWS", rows as f64)];
         self.launch(
             pass,
             Kernel::Attention,
