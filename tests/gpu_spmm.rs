@@ -286,6 +286,27 @@ fn too_little_workgroup_memory_means_one_position_a_pass() {
         .run(|pass| gpu.matmat(pass, &m, &x, &y, 2, None))
         .unwrap_err();
     assert!(e.to_string().contains("workgroup memory"), "{e}");
+    // The batched attention needs the same 32 KiB.
+    let dims = upg::gpu::AttentionDims {
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 64,
+        window: 0,
+        kv_f16: false,
+    };
+    let storage = || {
+        gpu.device().create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: 4096,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        })
+    };
+    let b = [storage(), storage(), storage(), storage(), storage()];
+    let e = gpu
+        .run(|pass| gpu.attention(pass, &b[0], &b[1], &b[2], &b[3], &b[4], &dims, 2))
+        .unwrap_err();
+    assert!(e.to_string().contains("workgroup memory"), "{e}");
     assert_eq!(GpuBackend::new(gpu, false).unwrap().max_batch(), 1);
 }
 

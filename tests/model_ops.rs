@@ -271,6 +271,74 @@ fn check_decode_attention<B: Backend>(b: &mut B, rng: &mut Rng) {
     }
 }
 
+/// Batched attention (prefill) over caches that already hold earlier positions: attention.wgsl on
+/// the GPU, where a workgroup takes 32 (head_dim <= 128) or 16 query (token, head) rows of one kv
+/// head and 64-key tiles. Cases: row counts off the block grid, blocks that end inside a token (3
+/// heads a kv head), 1 to 4 heads a kv head, several tiles, windows shorter than the batch and
+/// starting off the tile grid, heads of 2 to 256 dimensions (130 and 2: a half-used quad; over
+/// 128: the 16-row blocks), Phi-4's shape, and start 0. Cache rows past the batch hold NaN, which
+/// reach the outputs if a later value is read. The cache is filled through the backend's own
+/// `kv_cache` and `store_kv` with values exact in f16, so the reference holds for both precisions.
+fn check_batched_attention<B: Backend>(b: &mut B, rng: &mut Rng) {
+    // (heads, kv heads, head_dim, window, ctx, start, n)
+    let cases = [
+        (8, 2, 64, None, 200, 90, 37),
+        (6, 2, 64, None, 90, 3, 29),
+        (4, 4, 32, Some(20), 100, 5, 70),
+        (6, 3, 96, Some(50), 160, 41, 45),
+        (4, 1, 130, None, 80, 10, 19),
+        (2, 1, 256, Some(33), 100, 30, 21),
+        (40, 10, 128, None, 150, 70, 40),
+        (2, 1, 2, None, 10, 0, 5),
+    ];
+    let f16_exact = |x: Vec<f32>| -> Vec<f32> {
+        x.into_iter()
+            .map(|v| half::f16::from_f32(v).to_f32())
+            .collect()
+    };
+    for (heads, kv_heads, head_dim, window, ctx, start, n) in cases {
+        let s = AttentionShape {
+            heads,
+            kv_heads,
+            head_dim,
+            rotary_dim: head_dim,
+            window,
+            ctx,
+        };
+        let (kvd, qd, width) = (s.kv_dim(), s.q_dim(), s.qkv_dim());
+        // Rows 0..start + n of qkv fill the cache, the last n ask; the rows after them are NaN.
+        let rows = f16_exact(rng.normal_vec((start + n) * width, 1.0));
+        let (mut k, mut v) = (vec![0.0f32; ctx * kvd], vec![0.0f32; ctx * kvd]);
+        for (t, row) in rows.chunks(width).enumerate() {
+            k[t * kvd..][..kvd].copy_from_slice(&row[qd..][..kvd]);
+            v[t * kvd..][..kvd].copy_from_slice(&row[qd + kvd..][..kvd]);
+        }
+        let (mut kb, mut vb) = (b.kv_cache(ctx, kvd).unwrap(), b.kv_cache(ctx, kvd).unwrap());
+        let later = ctx - start - n;
+        let nan = b.buffer(&vec![f32::NAN; later * width]).unwrap();
+        b.store_kv(&nan, &mut kb, &mut vb, &s, start + n, later);
+        let all = b.buffer(&rows).unwrap();
+        b.store_kv(&all, &mut kb, &mut vb, &s, 0, start + n);
+        let asked = &rows[start * width..];
+        let want = attention_f64(&s, asked, &k, &v, start, n);
+        let qb = b.buffer(asked).unwrap();
+        let mut out = poisoned(b, n * qd);
+        b.attention(&qb, &kb, &vb, &mut out, &s, start, n);
+        // f32 sums in another order than the reference's (outputs are ~0.1 to 1).
+        close(
+            &format!(
+                "batched attention {heads}/{kv_heads} heads of {head_dim}, window {window:?}, \
+                 rows {start}..{} of {ctx}",
+                start + n
+            ),
+            &b.read(&out, n * qd).unwrap(),
+            &want,
+            1e-5,
+            |_| 1.0,
+        );
+    }
+}
+
 fn check_kv_and_attention<B: Backend>(b: &mut B, rng: &mut Rng) {
     for window in [None, Some(4)] {
         let s = attention_shape(window);
@@ -667,6 +735,7 @@ fn cpu_ops_match_f64() {
     check_rmsnorm(&mut cpu, &mut rng);
     check_rope(&mut cpu, &mut rng);
     check_kv_and_attention(&mut cpu, &mut rng);
+    check_batched_attention(&mut cpu, &mut rng);
     check_decode_attention(&mut cpu, &mut rng);
     check_elementwise(&mut cpu, &mut rng);
     check_greedy(&mut cpu, &mut rng);
@@ -690,6 +759,27 @@ fn gpu_ops_match_f64() {
     check_greedy(&mut b, &mut rng);
     check_fused(&mut b, &mut rng);
     check_mlp(&mut b, &mut rng);
+}
+
+/// The batched attention with both cache precisions; the f32 run on a device of at most 48
+/// workgroups per dimension, so that launches go in 2D grids with workgroups to spare.
+#[test]
+fn gpu_batched_attention_matches_f64() {
+    let mut rng = Rng::new(test_seed("gpu_batched_attention_matches_f64"));
+    for kv_f16 in [true, false] {
+        let opts = upg::gpu::GpuOptions {
+            limits: upg::gpu::LimitOverrides {
+                max_workgroups_per_dim: (!kv_f16).then_some(48),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let Some(gpu) = upg::gpu::gpu_or_skip(opts) else {
+            return;
+        };
+        let mut b = upg::model::GpuBackend::new(gpu, kv_f16).unwrap();
+        check_batched_attention(&mut b, &mut rng);
+    }
 }
 
 /// The split decode attention with both cache precisions (the table above, f32 KV, also runs in

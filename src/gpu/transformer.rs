@@ -44,6 +44,20 @@ const MAX_CHUNKS: usize = 128;
 /// multiprocessors), while the partials stay a quarter of the f16 keys and values.
 const CHUNK_KEYS: usize = 16;
 
+/// Workgroup memory of attention.wgsl: the queries (16 KiB), the scores (8 KiB), a key or value
+/// chunk (8 KiB).
+const ATTENTION_TILE_BYTES: u32 = 32 << 10;
+
+/// Query rows ((token, head) pairs) a workgroup of attention.wgsl takes: its queries are 4096 f32s
+/// of heads padded to 32 dimensions.
+fn attention_rows(head_dim: usize) -> usize {
+    if head_dim.next_multiple_of(32) <= 128 {
+        32
+    } else {
+        16
+    }
+}
+
 /// The Params of the attention kernels (wgsl/lib/attention_params.wgsl); `count` is the rows
 /// (attention) or the chunks (split).
 fn attention_params(dims: &AttentionDims, count: usize) -> Result<[u32; 8]> {
@@ -256,14 +270,19 @@ impl Gpu {
         n: usize,
     ) -> Result<()> {
         check_attention(dims)?;
-        let groups = n * dims.heads;
-        if groups > self.limits().max_workgroups_per_dim as usize {
-            return Err(GpuError::Shape(format!(
-                "attention over {groups} (row, head) pairs in one launch"
+        let have = self.limits().max_workgroup_storage_bytes;
+        if have < ATTENTION_TILE_BYTES {
+            return Err(GpuError::Layout(format!(
+                "the batched attention needs {ATTENTION_TILE_BYTES} bytes of workgroup memory, the \
+                 device has {have}: feed one position at a time"
             )));
         }
+        let rows = attention_rows(dims.head_dim);
+        let group = dims.heads / dims.kv_heads;
+        word(n * dims.qkv_dim())?;
+        let groups = (n * group).div_ceil(rows) * dims.kv_heads;
         let p = attention_params(dims, n)?;
-        let c = [("KV_F16", dims.kv_f16 as u32 as f64)];
+        let c = [("KV_F16", dims.kv_f16 as u32 as f64), ("ROWS", rows as f64)];
         self.launch(
             pass,
             Kernel::Attention,
