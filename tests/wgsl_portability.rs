@@ -61,9 +61,13 @@ fn override_sets(k: Kernel) -> Vec<Vec<(&'static str, f64)>> {
             vec![("STAGE_X", 0.0), ("ROWS", 2.0)],
         ],
         Kernel::GemvF16 | Kernel::GemvF32 => vec![vec![], vec![("RESIDUAL", 2.0)]],
-        Kernel::KvStore | Kernel::RopeKv | Kernel::AttentionSplit => {
-            vec![vec![], vec![("KV_F16", 0.0)]]
-        }
+        Kernel::KvStore | Kernel::RopeKv => vec![vec![], vec![("KV_F16", 0.0)]],
+        Kernel::AttentionSplit => vec![
+            vec![],
+            vec![("KV_F16", 0.0)],
+            vec![("ROPE_HALF", 48.0)],
+            vec![("KV_F16", 0.0), ("ROPE_HALF", 64.0)],
+        ],
         Kernel::Attention => vec![vec![], vec![("KV_F16", 0.0), ("ROWS", 16.0)]],
         Kernel::Embed => vec![
             vec![],

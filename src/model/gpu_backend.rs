@@ -237,6 +237,7 @@ impl GpuBackend {
 
     /// [`Gpu::attention_decode`] of the one row of a decode step, with the partials buffer kept
     /// from step to step; `rope`: cos, sin and the rotary half, to rotate and append the row too.
+    #[allow(clippy::too_many_arguments)]
     fn attention_decode(
         &mut self,
         qkv: &GpuVector,
