@@ -230,12 +230,17 @@ fn check_decode_attention<B: Backend>(b: &mut B, rng: &mut Rng) {
             .map(|v| half::f16::from_f32(v).to_f32())
             .collect()
     };
-    for (heads, kv_heads, head_dim, window, ctx, pos) in cases {
+    for (case, (heads, kv_heads, head_dim, window, ctx, pos)) in cases.into_iter().enumerate() {
         let s = AttentionShape {
             heads,
             kv_heads,
             head_dim,
-            rotary_dim: head_dim,
+            // Every other case rotates only half of each head (as Phi-4-mini does 3/4).
+            rotary_dim: if case % 2 == 0 {
+                head_dim
+            } else {
+                head_dim / 2
+            },
             window,
             ctx,
         };
@@ -258,14 +263,51 @@ fn check_decode_attention<B: Backend>(b: &mut B, rng: &mut Rng) {
         // f32 sums in another order than the reference's: errors under 2e-7 seen (outputs ~0.1); a
         // key left out or counted twice moves the outputs of its heads by about |v_j - out| / keys
         // (~1e-4 at 5000 keys).
+        let what = format!(
+            "decode attention {heads}/{kv_heads} heads of {head_dim}, window {window:?}, \
+             position {pos} of {ctx}"
+        );
+        close(&what, &b.read(&out, qd).unwrap(), &want, 2e-6, |_| 1.0);
+
+        // The same row through rope_attention (the GPU's decode step: one launch): q and the row's
+        // key rotated for position pos (random tables), the key and value written over other
+        // values in cache row pos, then attention. Then plain attention of the rotated q reads row
+        // pos back from the cache: its f16 copy on an f16 cache (rounding 2^-11: 5e-3 allowed).
+        let half = s.rotary_dim / 2;
+        let cos: Vec<f32> = (0..ctx * half).map(|_| rng.range(-1.0, 1.0)).collect();
+        let sin: Vec<f32> = (0..ctx * half).map(|_| rng.range(-1.0, 1.0)).collect();
+        let mut rotated = last[..width].to_vec();
+        for h in 0..heads + kv_heads {
+            let base = h * head_dim;
+            for i in 0..half {
+                let (c, sn) = (cos[pos * half + i] as f64, sin[pos * half + i] as f64);
+                let (x, y) = (last[base + i] as f64, last[base + i + half] as f64);
+                rotated[base + i] = (x * c - y * sn) as f32;
+                rotated[base + i + half] = (y * c + x * sn) as f32;
+            }
+        }
+        k[pos * kvd..][..kvd].copy_from_slice(&rotated[qd..][..kvd]);
+        let want = attention_f64(&s, &rotated, &k, &v, pos, 1);
+        let mut other = rows.clone();
+        for e in &mut other[pos * width + qd..][..2 * kvd] {
+            *e = rng.range(-3.0, 3.0);
+        }
+        let other = b.buffer(&other).unwrap();
+        b.store_kv(&other, &mut kb, &mut vb, &s, 0, pos + 1);
+        let (cb, sb) = (b.buffer(&cos).unwrap(), b.buffer(&sin).unwrap());
+        let mut qkvb = b.buffer(&last[..width]).unwrap();
+        let mut out = poisoned(b, qd);
+        b.rope_attention(&mut qkvb, &cb, &sb, &mut kb, &mut vb, &mut out, &s, pos, 1);
+        let what = format!("{what}, rotary_dim {}, rope_attention", s.rotary_dim);
+        close(&what, &b.read(&out, qd).unwrap(), &want, 2e-6, |_| 1.0);
+        let qb = b.buffer(&rotated).unwrap();
+        let mut out = poisoned(b, qd);
+        b.attention(&qb, &kb, &vb, &mut out, &s, pos, 1);
         close(
-            &format!(
-                "decode attention {heads}/{kv_heads} heads of {head_dim}, window {window:?}, \
-                 position {pos} of {ctx}"
-            ),
+            &format!("{what}: cache row {pos} read back"),
             &b.read(&out, qd).unwrap(),
             &want,
-            2e-6,
+            5e-3,
             |_| 1.0,
         );
     }
