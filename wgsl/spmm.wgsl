@@ -81,17 +81,6 @@ const WG: u32 = 256u;
 var<workgroup> xs: array<vec4<f32>, 1024>; // [32 columns][32 token vec4s], swizzled (see the top)
 var<workgroup> ws: array<vec4<f32>, 1024>; // [32 columns][32 row vec4s]
 
-// One block of the sparse layout for thread (r, h): its mask half, the half's two code words, the
-// block's rotation and scale. `live` is false for rows past the chunk's last tile.
-struct Record {
-    mask: u32,
-    c0: u32,
-    c1: u32,
-    rot: u32,
-    scale: f32,
-    live: bool,
-}
-
 fn x_at(t: u32, c: u32) -> f32 {
     if t < params.n && c < params.cols {
         return x[t * params.cols + c];
@@ -113,25 +102,6 @@ fn stage_x(tok0: u32, col0: u32, li: u32) {
 // Row r, column k of ws.
 fn put(k: u32, r: u32, v: f32) {
     ws[k * 32u + r / 4u][r % 4u] = v;
-}
-
-fn load_record(rg: u32, b: u32, r: u32, h: u32) -> Record {
-    let tile = rg * (BM / 32u) + r / 32u;
-    if tile >= params.a {
-        return Record(0u, 0u, 0u, 0u, 0.0, false);
-    }
-    let lane = r % 32u;
-    let rec = (tile * params.blocks + b) * 32u + lane;
-    let rot = (p2[rec / 4u] >> ((rec % 4u) * 8u)) & 31u;
-    let si = (tile * params.b + b / GROUP_BLOCKS) * 32u + lane;
-    let scale = unpack2x16float(p3[si / 2u])[si % 2u];
-    return Record(p0[2u * rec + h], p1[4u * rec + 2u * h], p1[4u * rec + 2u * h + 1u], rot, scale, true);
-}
-
-// The levels 2c - 15 of codes j and j + 4 of word w, as in spmv.wgsl.
-fn levels(w: u32, j: u32) -> vec2<f32> {
-    let l = (((w >> (4u * j)) << 1u) & 0x001E001Eu) | 0x64006400u;
-    return unpack2x16float(l) - vec2<f32>(1039.0);
 }
 
 // Block column `col` (0 .. 127, wrapped here) of row r, stored when it lies in half `half`.
@@ -321,3 +291,5 @@ fn main(
     store_rows(row0 + 64u + 4u * m + 2u, a60, a61, t0);
     store_rows(row0 + 64u + 4u * m + 3u, a70, a71, t0);
 }
+
+// #include sparse_record.wgsl

@@ -91,36 +91,6 @@ var<workgroup> xh: array<f16, BN * LDX>; // [BN tokens][LDX]
 var<workgroup> xl: array<f16, BN * LDX>;
 var<workgroup> cs: array<f32, 2048>; // [8 subgroups][16 x 16], column-major
 
-// One block of the sparse layout for thread (r, h): its mask half, the half's two code words, the
-// block's rotation and scale. `live` is false for rows past the chunk's last tile.
-struct Record {
-    mask: u32,
-    c0: u32,
-    c1: u32,
-    rot: u32,
-    scale: f32,
-    live: bool,
-}
-
-fn load_record(rg: u32, b: u32, r: u32, h: u32) -> Record {
-    let tile = rg * (BM / 32u) + r / 32u;
-    if tile >= params.a {
-        return Record(0u, 0u, 0u, 0u, 0.0, false);
-    }
-    let lane = r % 32u;
-    let rec = (tile * params.blocks + b) * 32u + lane;
-    let rot = (p2[rec / 4u] >> ((rec % 4u) * 8u)) & 31u;
-    let si = (tile * params.b + b / GROUP_BLOCKS) * 32u + lane;
-    let scale = unpack2x16float(p3[si / 2u])[si % 2u];
-    return Record(p0[2u * rec + h], p1[4u * rec + 2u * h], p1[4u * rec + 2u * h + 1u], rot, scale, true);
-}
-
-// The levels 2c - 15 of codes j and j + 4 of word w, as in spmv.wgsl.
-fn levels(w: u32, j: u32) -> vec2<f32> {
-    let l = (((w >> (4u * j)) << 1u) & 0x001E001Eu) | 0x64006400u;
-    return unpack2x16float(l) - vec2<f32>(1039.0);
-}
-
 // Eight steps of the walk (codes of word w), from the mask's highest set bit down, into row `at` of ws.
 fn walk8(mask: u32, w: u32, base: u32, at: u32, scale: f32) -> u32 {
     var m = mask;
@@ -292,3 +262,5 @@ fn main(
         put(c13, s, lane, r0 + 16u, t0 + 48u, sp);
     }
 }
+
+// #include sparse_record.wgsl

@@ -233,6 +233,7 @@ pub fn library(name: &str) -> Option<&'static str> {
         "attention_chunks.wgsl" => Some(include_str!("../../wgsl/lib/attention_chunks.wgsl")),
         "attention_params.wgsl" => Some(include_str!("../../wgsl/lib/attention_params.wgsl")),
         "workgroup_reduce.wgsl" => Some(include_str!("../../wgsl/lib/workgroup_reduce.wgsl")),
+        "sparse_record.wgsl" => Some(include_str!("../../wgsl/lib/sparse_record.wgsl")),
         _ => None,
     }
 }
