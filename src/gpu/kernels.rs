@@ -43,6 +43,17 @@ const SPMV_PART_BLOCKS: usize = 64;
 /// f32 values of the smallest column-split scratch buffer (it grows to a power of two when needed).
 const SPLIT_SCRATCH_MIN: usize = 1 << 16;
 
+/// f32 values of the split scratch buffer made for `len` (grown in powers of two, so that a few sizes
+/// serve every product, unless that would pass `max_binding_bytes`).
+pub(crate) fn split_scratch_len(len: usize, max_binding_bytes: u64) -> usize {
+    let n = len.max(SPLIT_SCRATCH_MIN).next_power_of_two();
+    if 4 * n as u64 <= max_binding_bytes {
+        n
+    } else {
+        len
+    }
+}
+
 /// What a product does to its input while loading it (see wgsl/spmv.wgsl), in place of a launch
 /// before it.
 #[derive(Clone, Copy, Debug)]
@@ -364,7 +375,12 @@ impl Gpu {
         let Layout::Sparse { blocks, .. } = w.layout else {
             return Ok(1);
         };
-        let tiles = w.rows.div_ceil(TILE_ROWS).max(1);
+        self.spmv_parts_of(w.rows, blocks)
+    }
+
+    /// [`Gpu::spmv_parts`] of a sparse matrix of `rows` rows of `blocks` blocks.
+    pub(crate) fn spmv_parts_of(&self, rows: usize, blocks: usize) -> Result<usize> {
+        let tiles = rows.div_ceil(TILE_ROWS).max(1);
         let parts = match self.knob("COL_SPLIT") {
             Some(v) if !(1.0..=256.0).contains(&v) || v.fract() != 0.0 => {
                 return Err(GpuError::Shape(format!(
@@ -386,7 +402,7 @@ impl Gpu {
                 }
             }
         };
-        let fits = 4 * (parts * (w.rows + 1)) as u64 <= self.limits().max_binding_bytes;
+        let fits = 4 * (parts * (rows + 1)) as u64 <= self.limits().max_binding_bytes;
         Ok(if fits { parts } else { 1 })
     }
 
@@ -401,8 +417,8 @@ impl Gpu {
         match kept.as_ref() {
             Some(b) if b.size() >= 4 * len as u64 => Ok(b.clone()),
             _ => {
-                let n = len.max(SPLIT_SCRATCH_MIN).next_power_of_two();
-                let b = self.zeros(n)?.buffer;
+                let max = self.limits().max_binding_bytes;
+                let b = self.zeros(split_scratch_len(len, max))?.buffer;
                 *kept = Some(b.clone());
                 Ok(b)
             }

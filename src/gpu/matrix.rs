@@ -283,6 +283,15 @@ fn stored(len: usize) -> u64 {
 }
 
 impl Gpu {
+    /// Rows of each binding chunk the upload cuts a sparse matrix of `spec`'s shape into.
+    pub(crate) fn sparse_chunk_rows(&self, spec: &MatrixSpec) -> Result<Vec<usize>> {
+        let nb = sparse::blocks_per_row(spec.cols);
+        Ok(plan(self, spec.rows, nb * 16, TILE_ROWS)?
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect())
+    }
+
     /// Bytes of device buffers that [`Gpu::upload`] makes for a matrix of `spec`, chunk by chunk as
     /// it lays them out, without making any; fails where the upload would fail for its shape or
     /// codec. This is how a model's fit is known before anything is uploaded.

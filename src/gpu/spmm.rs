@@ -5,8 +5,10 @@
 use super::buffers::GpuVector;
 use super::context::Gpu;
 use super::error::{GpuError, Result};
+use super::kernels::split_scratch_len;
 use super::matrix::{GpuMatrix, Layout, TILE_ROWS};
 use super::shader::Kernel;
+use crate::format::{Codec, MatrixSpec};
 
 /// Rows of W and of x per workgroup (spmm.wgsl's BM and BN).
 const ROW_TILE: usize = 128;
@@ -32,6 +34,16 @@ fn word(v: usize, what: &str) -> Result<u32> {
             "{what} ({v}) does not fit a 32-bit index: use smaller batches"
         ))
     })
+}
+
+/// How a batched product runs on the matrix units: tokens a workgroup, column parts, and the bytes of
+/// its two scratch buffers (x in f16 parts; the second column part, 0 without a split).
+#[derive(Clone, Copy)]
+struct CoopPlan {
+    tile: usize,
+    split: usize,
+    x_bytes: u64,
+    part_bytes: u64,
 }
 
 impl Gpu {
@@ -87,12 +99,9 @@ impl Gpu {
         }
         word(n * w.cols.max(w.rows), "n x row length")?;
         let blocks = w.cols.div_ceil(64);
-        // x in two f16 parts: 4 bytes a value, in one binding.
-        let split_bytes = (4 * n * w.cols).next_multiple_of(4) as u64;
-        let coop = self.features().cooperative_matrix
-            && matches!(w.layout, Layout::Sparse { .. })
-            && self.limits().max_workgroup_storage_bytes >= COOP_TILE_BYTES
-            && split_bytes <= self.limits().max_binding_bytes;
+        let row_groups: usize = w.chunks.iter().map(|c| c.rows.div_ceil(ROW_TILE)).sum();
+        let sparse = matches!(w.layout, Layout::Sparse { .. });
+        let coop = self.coop_plan(sparse, w.rows, w.cols, row_groups, n)?;
         let (codec, a, b, group) = match w.layout {
             Layout::Sparse {
                 groups,
@@ -108,43 +117,15 @@ impl Gpu {
                 ))
             }
         };
-        let mut ksplit = 1;
-        let (kernel, batch_tile, mut constants) = if coop {
-            let tile = match self.overrides.iter().find(|o| o.0 == "BN") {
-                // Bench and test knob.
-                Some(&(_, v)) if v == 64.0 || v == 128.0 => v as usize,
-                Some(&(_, v)) => {
-                    return Err(GpuError::Shape(format!(
-                        "override BN={v}: spmm_coop.wgsl takes 64 or 128 tokens a workgroup"
-                    )))
-                }
-                None => COOP_BATCH_TILE,
-            };
-            let row_groups: usize = w.chunks.iter().map(|c| c.rows.div_ceil(ROW_TILE)).sum();
-            ksplit = match self.overrides.iter().find(|o| o.0 == "SPLIT") {
-                Some(&(_, v)) if v == 1.0 || v == 2.0 => v as usize,
-                Some(&(_, v)) => {
-                    return Err(GpuError::Shape(format!(
-                        "override SPLIT={v}: spmm_coop.wgsl takes 1 or 2 column parts"
-                    )))
-                }
-                None if row_groups * n.div_ceil(tile) < COOP_SPLIT_BELOW
-                    && blocks >= COOP_SPLIT_BLOCKS =>
-                {
-                    2
-                }
-                None => 1,
-            };
-            if 4 * (n * w.rows) as u64 > self.limits().max_binding_bytes {
-                ksplit = 1;
-            }
+        let ksplit = coop.map_or(1, |p| p.split);
+        let (kernel, batch_tile, mut constants) = if let Some(p) = coop {
             (
                 Kernel::SpmmCoop,
-                tile,
+                p.tile,
                 vec![
                     (group.0, group.1 as f64),
-                    ("BN", tile as f64),
-                    ("SPLIT", ksplit as f64),
+                    ("BN", p.tile as f64),
+                    ("SPLIT", p.split as f64),
                 ],
             )
         } else {
@@ -162,21 +143,18 @@ impl Gpu {
             }
         }
         let (pipeline, layout) = self.pipeline(kernel, &constants)?;
-        let split = if coop {
-            Some(self.split_x(pass, x, split_bytes)?)
-        } else {
-            None
+        let split = match coop {
+            Some(p) => Some(self.split_x(pass, x, p.x_bytes)?),
+            None => None,
         };
         // spmm_coop's column part 1 (bound, unused, at its smallest without a split).
-        let part = if coop {
-            let bytes = if ksplit == 2 {
-                4 * (n * w.rows) as u64
-            } else {
-                256
-            };
-            Some(self.kept(&self.coop_part, bytes, "the batched product's column part")?)
-        } else {
-            None
+        let part = match coop {
+            Some(p) => Some(self.kept(
+                &self.coop_part,
+                p.part_bytes.max(256),
+                "the batched product's column part",
+            )?),
+            None => None,
         };
         for c in &w.chunks {
             if c.rows == 0 {
@@ -223,6 +201,104 @@ impl Gpu {
             self.add(pass, &y.buffer, part, n * w.rows)?;
         }
         Ok(())
+    }
+
+    /// Whether and how [`Gpu::matmat`] runs a product of `rows` x `cols` over `n` rows of x (in
+    /// `row_groups` groups of 128 rows, counted over its binding chunks) on the matrix units.
+    fn coop_plan(
+        &self,
+        sparse: bool,
+        rows: usize,
+        cols: usize,
+        row_groups: usize,
+        n: usize,
+    ) -> Result<Option<CoopPlan>> {
+        // x in two f16 parts: 4 bytes a value, in one binding.
+        let x_bytes = (4 * n * cols) as u64;
+        if !(self.features().cooperative_matrix
+            && sparse
+            && self.limits().max_workgroup_storage_bytes >= COOP_TILE_BYTES
+            && x_bytes <= self.limits().max_binding_bytes)
+        {
+            return Ok(None);
+        }
+        let tile = match self.overrides.iter().find(|o| o.0 == "BN") {
+            // Bench and test knob.
+            Some(&(_, v)) if v == 64.0 || v == 128.0 => v as usize,
+            Some(&(_, v)) => {
+                return Err(GpuError::Shape(format!(
+                    "override BN={v}: spmm_coop.wgsl takes 64 or 128 tokens a workgroup"
+                )))
+            }
+            None => COOP_BATCH_TILE,
+        };
+        let blocks = cols.div_ceil(64);
+        let mut split = match self.overrides.iter().find(|o| o.0 == "SPLIT") {
+            Some(&(_, v)) if v == 1.0 || v == 2.0 => v as usize,
+            Some(&(_, v)) => {
+                return Err(GpuError::Shape(format!(
+                    "override SPLIT={v}: spmm_coop.wgsl takes 1 or 2 column parts"
+                )))
+            }
+            None if row_groups * n.div_ceil(tile) < COOP_SPLIT_BELOW
+                && blocks >= COOP_SPLIT_BLOCKS =>
+            {
+                2
+            }
+            None => 1,
+        };
+        let part_bytes = (4 * n * rows) as u64;
+        if part_bytes > self.limits().max_binding_bytes {
+            split = 1;
+        }
+        Ok(Some(CoopPlan {
+            tile,
+            split,
+            x_bytes,
+            part_bytes: if split == 2 { part_bytes } else { 0 },
+        }))
+    }
+
+    /// Bytes of the scratch buffers the products of these matrices make, kept by the device from
+    /// call to call: spmv's column-split sums (decode) and, with batches of `batch` > 1 rows on
+    /// the matrix units, x in f16 parts and the second column part. What [`Gpu::scratch_bytes`] reports
+    /// once they have all run (an upper bound where batches stay smaller than `batch`).
+    pub fn scratch_estimate(&self, specs: &[MatrixSpec], batch: usize) -> Result<u64> {
+        let (mut spmv, mut x, mut part) = (0, 0, 0);
+        for spec in specs.iter().filter(|s| s.codec == Codec::Sparse) {
+            let blocks = spec.cols.div_ceil(64);
+            let parts = self.spmv_parts_of(spec.rows, blocks)?;
+            if parts > 1 {
+                let max = self.limits().max_binding_bytes;
+                spmv = spmv.max(split_scratch_len(parts * (spec.rows + 1), max));
+            }
+            if batch > 1 {
+                let row_groups = self
+                    .sparse_chunk_rows(spec)?
+                    .iter()
+                    .map(|r| r.div_ceil(ROW_TILE))
+                    .sum();
+                let plan = self.coop_plan(true, spec.rows, spec.cols, row_groups, batch)?;
+                if let Some(p) = plan {
+                    x = x.max(p.x_bytes);
+                    part = part.max(p.part_bytes.max(256));
+                }
+            }
+        }
+        let spmv = if spmv > 0 {
+            GpuVector::device_bytes_for(spmv)
+        } else {
+            0
+        };
+        Ok(spmv + x + part)
+    }
+
+    /// Bytes of the scratch buffers made so far (see [`Gpu::scratch_estimate`]).
+    pub fn scratch_bytes(&self) -> u64 {
+        [&self.split_scratch, &self.split_x, &self.coop_part]
+            .iter()
+            .filter_map(|slot| slot.lock().ok()?.as_ref().map(|b| b.size()))
+            .sum()
     }
 
     /// A buffer kept in `slot` of at least `bytes` (made again, larger, when it is smaller).

@@ -19,7 +19,7 @@ pub struct Footprint {
     pub weights: u64,
     /// K and V of every layer for the context.
     pub kv_cache: u64,
-    /// Activation buffers and RoPE tables.
+    /// Activation buffers, RoPE tables, and the scratch buffers of the products.
     pub activations: u64,
     /// The largest buffer that is not a weight chunk (weights are split to fit a binding), by name.
     pub largest: (String, u64),
@@ -71,8 +71,9 @@ impl Footprint {
             norms.extend([l.attn_norm.len(), l.mlp_norm.len()]);
         }
         let mut weight_bytes = norms.iter().map(|&n| vector(n)).sum::<u64>();
-        for m in matrices(weights) {
-            weight_bytes += gpu.matrix_device_bytes(&MatrixSpec::of(m))?;
+        let specs: Vec<MatrixSpec> = matrices(weights).map(MatrixSpec::of).collect();
+        for spec in &specs {
+            weight_bytes += gpu.matrix_device_bytes(spec)?;
         }
 
         let c = config;
@@ -109,7 +110,11 @@ impl Footprint {
         ] {
             buffers.push((name.to_string(), vector(len)));
         }
-        let activations = buffers[1..].iter().map(|b| b.1).sum();
+
+        // The products' scratch buffers (column splits, x in f16 parts): each fits a binding by
+        // construction, so they count toward the total only.
+        let activations =
+            buffers[1..].iter().map(|b| b.1).sum::<u64>() + gpu.scratch_estimate(&specs, rows)?;
         let largest = buffers
             .iter()
             .max_by_key(|b| b.1)

@@ -110,7 +110,7 @@ impl GpuBackend {
 
     /// Bytes of the device buffers this backend made (weights, activations, caches).
     pub fn device_bytes(&self) -> u64 {
-        self.device_bytes
+        self.device_bytes + self.gpu.scratch_bytes()
     }
 
     fn dims(&self, s: &AttentionShape) -> AttentionDims {
