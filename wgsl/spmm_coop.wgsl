@@ -21,8 +21,9 @@
 // At the end each subgroup stores its accumulators, one at a time, through its 16 x 16 slice of cs, and
 // its lanes write the rows and tokens in range (adding the residual).
 // Error: |y~ - y| <= 2^-11 sum |W x| (f16 rounding of each weight; f16 subnormal weights add at most
-// 2^-25 |x| each) plus f32 accumulation. x beyond f16's range (|x| > 65504) would overflow: the launcher
-// only sends activations (normed or products of them).
+// 2^-25 |x| each) plus f32 accumulation. An x beyond f16's range (|x| > 65504) becomes infinite, and so
+// do the sums it enters (model activations stay far below; `UPG_COOPERATIVE_MATRIX=0` avoids the f16
+// path altogether).
 //
 // Bindings (group 0), as spmm.wgsl but for x:
 //   0  uniform            params: Params (below)
