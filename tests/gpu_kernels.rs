@@ -108,6 +108,49 @@ fn dense(rng: &mut Rng, rows: usize, cols: usize) -> Vec<f32> {
     rng.normal_vec(rows * cols, 0.02)
 }
 
+/// y = W x + r with r in its own buffer, then in place (y holding r: y += W x), against f64.
+fn check_residual_modes(gpu: &Gpu, w: &Tensor, x: &[f32], r: &[f32], what: &str) {
+    let (want, tol) = reference_f64(w, x, Some(r));
+    check(
+        &format!("{what} + r"),
+        &gpu_matvec(gpu, w, x, Some(r)),
+        &want,
+        &tol,
+    );
+    check_in_place(gpu, w, x, r, &want, &tol, what);
+}
+
+/// y += W x with y holding r before the launch, against `want`.
+fn check_in_place(
+    gpu: &Gpu,
+    w: &Tensor,
+    x: &[f32],
+    r: &[f32],
+    want: &[f64],
+    tol: &[f64],
+    what: &str,
+) {
+    let m = gpu.upload(w).unwrap();
+    let (xv, y) = (gpu.vector(x).unwrap(), gpu.vector(r).unwrap());
+    gpu.run(|pass| gpu.matvec(pass, &m, &xv, &y, Some(&y)))
+        .unwrap();
+    check(
+        &format!("{what}, y += W x"),
+        &gpu.read(&y).unwrap(),
+        want,
+        tol,
+    );
+}
+
+/// The error of a product of `w` (zero inputs) on `gpu`, which must refuse it.
+fn refusal(gpu: &Gpu, w: &Tensor) -> String {
+    let m = gpu.upload(w).unwrap();
+    let (x, y) = (gpu.zeros(m.cols).unwrap(), gpu.zeros(m.rows).unwrap());
+    gpu.run(|pass| gpu.matvec(pass, &m, &x, &y, None))
+        .unwrap_err()
+        .to_string()
+}
+
 #[test]
 fn spmv_matches_the_reference() {
     let gpus = variants(LimitOverrides::default());
@@ -166,35 +209,14 @@ fn spmv_with_rows_split_over_workgroups_matches_the_reference() {
                 let mut cpu = vec![f32::NAN; rows];
                 reference::spmv(&w, &x, &mut cpu);
                 check("cpu reference", &cpu, &want, &tol);
-                let (want, tol) = reference_f64(&w, &x, Some(&r));
-                check(
-                    &format!("{what} + r"),
-                    &gpu_matvec(gpu, &w, &x, Some(&r)),
-                    &want,
-                    &tol,
-                );
-                let m = gpu.upload(&w).unwrap();
-                let (xv, y) = (gpu.vector(&x).unwrap(), gpu.vector(&r).unwrap());
-                gpu.run(|pass| gpu.matvec(pass, &m, &xv, &y, Some(&y)))
-                    .unwrap();
-                check(
-                    &format!("{what}, y += W x"),
-                    &gpu.read(&y).unwrap(),
-                    &want,
-                    &tol,
-                );
+                check_residual_modes(gpu, &w, &x, &r, &what);
             }
         }
     }
     // A value the kernel cannot take is refused with what to use.
     if let Some(gpu) = variants_with(LimitOverrides::default(), &[("ROW_LANES", 3.0)]).first() {
         let w = Tensor::Sparse(SparseMatrix::random(4, 64, 64, &mut rng).unwrap());
-        let m = gpu.upload(&w).unwrap();
-        let (x, y) = (gpu.zeros(64).unwrap(), gpu.zeros(4).unwrap());
-        let e = gpu
-            .run(|pass| gpu.matvec(pass, &m, &x, &y, None))
-            .unwrap_err()
-            .to_string();
+        let e = refusal(gpu, &w);
         assert!(
             e.contains("ROW_LANES 3") && e.contains("use 1, 2, 4"),
             "{e}"
@@ -230,22 +252,7 @@ fn spmv_with_columns_split_over_workgroups_matches_the_reference() {
                 assert_eq!(gpu.spmv_parts(&m).unwrap(), parts as usize, "{what}");
                 let (want, tol) = reference_f64(&w, &x, None);
                 check(&what, &gpu_matvec(gpu, &w, &x, None), &want, &tol);
-                let (want, tol) = reference_f64(&w, &x, Some(&r));
-                check(
-                    &format!("{what} + r"),
-                    &gpu_matvec(gpu, &w, &x, Some(&r)),
-                    &want,
-                    &tol,
-                );
-                let (xv, y) = (gpu.vector(&x).unwrap(), gpu.vector(&r).unwrap());
-                gpu.run(|pass| gpu.matvec(pass, &m, &xv, &y, Some(&y)))
-                    .unwrap();
-                check(
-                    &format!("{what}, y += W x"),
-                    &gpu.read(&y).unwrap(),
-                    &want,
-                    &tol,
-                );
+                check_residual_modes(gpu, &w, &x, &r, &what);
             }
         }
     }
@@ -278,12 +285,7 @@ fn spmv_with_columns_split_over_workgroups_matches_the_reference() {
     }
     // A count the kernel cannot take is refused with what to use.
     if let Some(g) = variants_with(LimitOverrides::default(), &[("COL_SPLIT", 0.5)]).first() {
-        let m = g.upload(&w).unwrap();
-        let (x, y) = (g.zeros(cols).unwrap(), g.zeros(rows).unwrap());
-        let e = g
-            .run(|pass| g.matvec(pass, &m, &x, &y, None))
-            .unwrap_err()
-            .to_string();
+        let e = refusal(g, &w);
         assert!(
             e.contains("COL_SPLIT 0.5") && e.contains("from 1 to 256"),
             "{e}"
@@ -457,16 +459,7 @@ fn gemv_q3_matches_the_reference_at_every_rows_per_team() {
                 let (want, tol) = reference_f64(&w, &x, None);
                 check(&what, &gpu_matvec(gpu, &w, &x, None), &want, &tol);
                 let (want, tol) = reference_f64(&w, &x, Some(&r));
-                let m = gpu.upload(&w).unwrap();
-                let (xv, y) = (gpu.vector(&x).unwrap(), gpu.vector(&r).unwrap());
-                gpu.run(|pass| gpu.matvec(pass, &m, &xv, &y, Some(&y)))
-                    .unwrap();
-                check(
-                    &format!("{what}, y += W x"),
-                    &gpu.read(&y).unwrap(),
-                    &want,
-                    &tol,
-                );
+                check_in_place(gpu, &w, &x, &r, &want, &tol, &what);
             }
         }
     }
