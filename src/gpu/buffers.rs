@@ -24,6 +24,32 @@ impl GpuVector {
 }
 
 impl Gpu {
+    /// A buffer kept in `slot` of at least `bytes` (made again, larger, when it is smaller).
+    pub(crate) fn kept(
+        &self,
+        slot: &std::sync::Mutex<Option<wgpu::Buffer>>,
+        bytes: u64,
+        what: &str,
+    ) -> Result<wgpu::Buffer> {
+        let mut kept = slot.lock().map_err(|_| GpuError::Wgpu {
+            what: what.into(),
+            reason: "lock poisoned".into(),
+        })?;
+        if let Some(b) = kept.as_ref().filter(|b| b.size() >= bytes) {
+            return Ok(b.clone());
+        }
+        let b = self.scoped(&format!("allocating {what}"), || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(what),
+                size: bytes,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        })?;
+        *kept = Some(b.clone());
+        Ok(b)
+    }
+
     /// A storage buffer holding `bytes` (padded with zeros to a multiple of 4 bytes).
     pub(crate) fn buffer_with(
         &self,

@@ -410,28 +410,17 @@ impl Gpu {
     /// products of a pass run one after another (each combine reads it before the next product
     /// writes it).
     fn split_scratch(&self, len: usize) -> Result<wgpu::Buffer> {
-        let mut kept = self.split_scratch.lock().map_err(|_| GpuError::Wgpu {
-            what: "using the split scratch buffer".into(),
-            reason: "a thread panicked while holding it".into(),
-        })?;
-        match kept.as_ref() {
-            Some(b) if b.size() >= 4 * len as u64 => Ok(b.clone()),
-            _ => {
-                let max = self.limits().max_binding_bytes;
-                let b = self.zeros(split_scratch_len(len, max))?.buffer;
-                *kept = Some(b.clone());
-                Ok(b)
-            }
-        }
+        let len = split_scratch_len(len, self.limits().max_binding_bytes);
+        self.kept(&self.split_scratch, 4 * len as u64, "spmv's column parts")
     }
 
     /// Rows per team of gemv_q3: 4, so that each x load serves 4 rows (on an H100 at the Phi-4 shapes
     /// 4 beat 2 and 1 everywhere, by 1.06-1.6x and 1.4-3x; BENCHMARKS.md); a `ROWS` override (bench)
     /// of 1 or 2 wins.
     pub(crate) fn q3_rows(&self) -> usize {
-        match self.overrides.iter().find(|(n, _)| n == "ROWS") {
-            Some((_, v)) if *v == 1.0 => 1,
-            Some((_, v)) if *v == 2.0 => 2,
+        match self.knob("ROWS") {
+            Some(1.0) => 1,
+            Some(2.0) => 2,
             _ => 4,
         }
     }

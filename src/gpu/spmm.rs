@@ -222,10 +222,10 @@ impl Gpu {
         {
             return Ok(None);
         }
-        let tile = match self.overrides.iter().find(|o| o.0 == "BN") {
+        let tile = match self.knob("BN") {
             // Bench and test knob.
-            Some(&(_, v)) if v == 64.0 || v == 128.0 => v as usize,
-            Some(&(_, v)) => {
+            Some(v) if v == 64.0 || v == 128.0 => v as usize,
+            Some(v) => {
                 return Err(GpuError::Shape(format!(
                     "override BN={v}: spmm_coop.wgsl takes 64 or 128 tokens a workgroup"
                 )))
@@ -233,9 +233,9 @@ impl Gpu {
             None => COOP_BATCH_TILE,
         };
         let blocks = cols.div_ceil(64);
-        let mut split = match self.overrides.iter().find(|o| o.0 == "SPLIT") {
-            Some(&(_, v)) if v == 1.0 || v == 2.0 => v as usize,
-            Some(&(_, v)) => {
+        let mut split = match self.knob("SPLIT") {
+            Some(v) if v == 1.0 || v == 2.0 => v as usize,
+            Some(v) => {
                 return Err(GpuError::Shape(format!(
                     "override SPLIT={v}: spmm_coop.wgsl takes 1 or 2 column parts"
                 )))
@@ -270,7 +270,7 @@ impl Gpu {
             let parts = self.spmv_parts_of(spec.rows, blocks)?;
             if parts > 1 {
                 let max = self.limits().max_binding_bytes;
-                spmv = spmv.max(split_scratch_len(parts * (spec.rows + 1), max));
+                spmv = spmv.max(4 * split_scratch_len(parts * (spec.rows + 1), max) as u64);
             }
             if batch > 1 {
                 let row_groups = self
@@ -285,11 +285,6 @@ impl Gpu {
                 }
             }
         }
-        let spmv = if spmv > 0 {
-            GpuVector::device_bytes_for(spmv)
-        } else {
-            0
-        };
         Ok(spmv + x + part)
     }
 
@@ -299,32 +294,6 @@ impl Gpu {
             .iter()
             .filter_map(|slot| slot.lock().ok()?.as_ref().map(|b| b.size()))
             .sum()
-    }
-
-    /// A buffer kept in `slot` of at least `bytes` (made again, larger, when it is smaller).
-    fn kept(
-        &self,
-        slot: &std::sync::Mutex<Option<wgpu::Buffer>>,
-        bytes: u64,
-        what: &str,
-    ) -> Result<wgpu::Buffer> {
-        let mut kept = slot.lock().map_err(|_| GpuError::Wgpu {
-            what: what.into(),
-            reason: "lock poisoned".into(),
-        })?;
-        if let Some(b) = kept.as_ref().filter(|b| b.size() >= bytes) {
-            return Ok(b.clone());
-        }
-        let b = self.scoped(&format!("allocating {what}"), || {
-            self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(what),
-                size: bytes,
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: false,
-            })
-        })?;
-        *kept = Some(b.clone());
-        Ok(b)
     }
 
     /// Records split_f16.wgsl: x into its two f16 parts in the kept buffer (grown to `bytes` when
