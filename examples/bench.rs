@@ -543,37 +543,24 @@ impl Bench<'_> {
         let y = gpu.zeros(rows)?;
         let shape = (rows, cols);
         match op {
-            "spmv_norm" => {
-                let ws = uploads(gpu, sparse)?;
-                let n = ws.len();
-                let g = gpu.vector(&(0..cols).map(|_| rng.range(0.5, 1.5)).collect::<Vec<_>>())?;
-                let prologue = Prologue::Norm {
-                    weight: &g,
-                    eps: 1e-5,
+            // RMSNorm prologue: qkv as it runs in the model; with `_glu`, gate_up as it runs in the
+            // model (rows in SwiGLU pairs, silu(gate) * up written: rows / 2 values).
+            "spmv_norm" | "spmv_norm_glu" => {
+                let glu = op == "spmv_norm_glu";
+                let ws = if glu {
+                    let ws = (0..uploads_count(sparse))
+                        .map(|_| gpu.upload_gate_up(sparse))
+                        .collect::<upg::gpu::Result<Vec<_>>>()?;
+                    if !ws[0].swiglu_pairs() {
+                        return Err(OverLimit(format!(
+                            "{rows} rows cannot be SwiGLU pairs (a multiple of 32 rows is needed)"
+                        ))
+                        .into());
+                    }
+                    ws
+                } else {
+                    uploads(gpu, sparse)?
                 };
-                self.measure(
-                    gpu,
-                    op,
-                    split_label(gpu, &ws[0], label),
-                    shape,
-                    sparse.stored_bytes() as u64,
-                    n,
-                    |pass, i| gpu.matvec_fused(pass, &ws[i % n], &x, &y, None, prologue),
-                )?;
-                Ok(())
-            }
-            "spmv_norm_glu" => {
-                // gate_up of the MLP: RMSNorm prologue, rows in SwiGLU pairs, silu(gate) * up
-                // written (rows / 2 values).
-                let ws = (0..uploads_count(sparse))
-                    .map(|_| gpu.upload_gate_up(sparse))
-                    .collect::<upg::gpu::Result<Vec<_>>>()?;
-                if !ws[0].swiglu_pairs() {
-                    return Err(OverLimit(format!(
-                        "{rows} rows cannot be SwiGLU pairs (a multiple of 32 rows is needed)"
-                    ))
-                    .into());
-                }
                 let n = ws.len();
                 let h = gpu.zeros(rows / 2)?;
                 let g = gpu.vector(&(0..cols).map(|_| rng.range(0.5, 1.5)).collect::<Vec<_>>())?;
@@ -588,7 +575,13 @@ impl Bench<'_> {
                     shape,
                     sparse.stored_bytes() as u64,
                     n,
-                    |pass, i| gpu.matvec_swiglu(pass, &ws[i % n], &x, &h, prologue),
+                    |pass, i| {
+                        if glu {
+                            gpu.matvec_swiglu(pass, &ws[i % n], &x, &h, prologue)
+                        } else {
+                            gpu.matvec_fused(pass, &ws[i % n], &x, &y, None, prologue)
+                        }
+                    },
                 )?;
                 Ok(())
             }
