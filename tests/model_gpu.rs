@@ -24,19 +24,30 @@ fn load_gpu(name: &str, plan: &CodecPlan, ctx: usize, kv_f16: bool) -> Option<Ph
     Some(Phi3::new(ckpt.config.clone(), weights, backend, ctx).expect("model builds"))
 }
 
-/// [`load_gpu`] with prompts fed `batch` positions a pass.
+/// [`load_gpu`] on a GPU opened with `opts`, prompts fed `batch` positions a pass.
 fn load_gpu_batch(
+    opts: GpuOptions,
     name: &str,
     plan: &CodecPlan,
     ctx: usize,
     kv_f16: bool,
     batch: usize,
 ) -> Option<Phi3<GpuBackend>> {
-    let gpu = gpu_or_skip(GpuOptions::default())?;
+    let gpu = gpu_or_skip(opts)?;
     let ckpt = Checkpoint::open(&fixture(name)).expect("fixture opens");
     let weights = HostWeights::from_checkpoint(&ckpt, plan).expect("weights load");
     let backend = GpuBackend::new(gpu, kv_f16).expect("backend");
     Some(Phi3::with_batch(ckpt.config.clone(), weights, backend, ctx, batch).expect("model builds"))
+}
+
+/// The fixture's prompt, the vocabulary size and the CPU backend's logits of every prompt position
+/// for `plan`'s weights (f32 KV cache).
+fn cpu_prompt_logits(plan: &CodecPlan) -> (Vec<u32>, usize, Vec<f64>) {
+    let prompt = reference(&fixture("phi3-tiny"))["tokens"].ids();
+    let mut cpu = load_cpu("phi3-tiny", plan, 64);
+    let logits = cpu.forward_all(&prompt).unwrap();
+    let vocab = cpu.config.vocab_size;
+    (prompt, vocab, logits.iter().map(|&v| v as f64).collect())
 }
 
 fn load_cpu(name: &str, plan: &CodecPlan, ctx: usize) -> Phi3<Cpu> {
@@ -229,24 +240,16 @@ fn gpu_decoding_ahead_stops_and_continues_like_the_cpu() {
 /// are the last row of forward_all (the lm_head of the last position only).
 #[test]
 fn gpu_batched_prefill_matches_the_cpu_and_single_positions() {
-    let r = reference(&fixture("phi3-tiny"));
-    let prompt = r["tokens"].ids();
     let plan = CodecPlan::compressed();
-    let mut cpu = load_cpu("phi3-tiny", &plan, 64);
-    let vocab = cpu.config.vocab_size;
-    let want: Vec<f64> = cpu
-        .forward_all(&prompt)
-        .unwrap()
-        .iter()
-        .map(|&v| v as f64)
-        .collect();
+    let (prompt, vocab, want) = cpu_prompt_logits(&plan);
     let mut single = Vec::new();
     let Some(units) = gpu_or_skip(GpuOptions::default()).map(|g| g.features().cooperative_matrix)
     else {
         return;
     };
     for batch in [1, 7, 64] {
-        let Some(mut gpu) = load_gpu_batch("phi3-tiny", &plan, 64, false, batch) else {
+        let opts = GpuOptions::default();
+        let Some(mut gpu) = load_gpu_batch(opts, "phi3-tiny", &plan, 64, false, batch) else {
             return;
         };
         let got = gpu.forward_all(&prompt).unwrap();
@@ -287,17 +290,8 @@ fn gpu_column_split_and_swiglu_epilogue_logits_match_the_cpu() {
     // phi3-tiny (hidden 128 = 2 blocks, MLP 256 = 4 blocks and 16 x 16 pairs) one position a pass,
     // decoding's kernels: every sparse product in 2 or 3 column parts (3 leaves a part without blocks
     // at 2), with gate_up in SwiGLU pairs (the default) or in the file's order.
-    let r = reference(&fixture("phi3-tiny"));
-    let prompt = r["tokens"].ids();
     let plan = CodecPlan::compressed();
-    let mut cpu = load_cpu("phi3-tiny", &plan, 64);
-    let vocab = cpu.config.vocab_size;
-    let want: Vec<f64> = cpu
-        .forward_all(&prompt)
-        .unwrap()
-        .iter()
-        .map(|&v| v as f64)
-        .collect();
+    let (prompt, vocab, want) = cpu_prompt_logits(&plan);
     for overrides in [
         vec![("COL_SPLIT", 2.0)],
         vec![("COL_SPLIT", 3.0)],
@@ -308,14 +302,9 @@ fn gpu_column_split_and_swiglu_epilogue_logits_match_the_cpu() {
             overrides: overrides.iter().map(|&(n, v)| (n.to_string(), v)).collect(),
             ..GpuOptions::default()
         };
-        let Some(gpu) = gpu_or_skip(opts) else {
+        let Some(mut model) = load_gpu_batch(opts, "phi3-tiny", &plan, 64, false, 1) else {
             return;
         };
-        let ckpt = Checkpoint::open(&fixture("phi3-tiny")).expect("fixture opens");
-        let weights = HostWeights::from_checkpoint(&ckpt, &plan).expect("weights load");
-        let backend = GpuBackend::new(gpu, false).expect("backend");
-        let mut model =
-            Phi3::with_batch(ckpt.config.clone(), weights, backend, 64, 1).expect("model builds");
         let got = model.forward_all(&prompt).unwrap();
         let (err, pos) = worst_row_rel_error(&got, &want, vocab);
         println!("{overrides:?}: GPU vs CPU worst relative error {err:.2e} at position {pos}");
