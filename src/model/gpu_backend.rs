@@ -25,6 +25,9 @@ pub struct GpuBackend {
     kv_f16: bool,
     /// Whether a q3 matrix was uploaded (no batched product for q3: see `max_batch`).
     q3_weights: bool,
+    /// Whether a decode step's RoPE and K/V append run inside its attention launch (knob
+    /// `FUSED_ROPE=0` turns it off), read once here rather than every layer of every token.
+    fused_rope: bool,
     recording: Option<Recording>,
     error: Option<GpuError>,
     /// The greedy token id, written by argmax.wgsl.
@@ -71,6 +74,7 @@ impl GpuBackend {
         let profile = Profiler::from_env(&gpu);
         let token_readback = [gpu.readback_buffer(4)?, gpu.readback_buffer(4)?];
         Ok(Self {
+            fused_rope: gpu.knob("FUSED_ROPE") != Some(0.0),
             gpu,
             kv_f16,
             q3_weights: false,
@@ -682,7 +686,7 @@ impl Backend for GpuBackend {
         n: usize,
     ) {
         let half = s.rotary_dim / 2;
-        if n != 1 || half == 0 || self.gpu.knob("FUSED_ROPE") == Some(0.0) {
+        if n != 1 || half == 0 || !self.fused_rope {
             self.rope_store_kv(qkv, cos, sin, k, v, s, start, n);
             return self.attention(qkv, k, v, out, s, start, n);
         }
