@@ -5,7 +5,7 @@
 //                              (+ res[same index] when RESIDUAL == 1, + y[same index] when RESIDUAL == 2)
 //
 // Same job as spmm.wgsl (its FMA tiles reach ~30% of the f32 rate; an H100's f16 matrix units do ~6x
-// that rate). x comes split into two f16 parts by split_f16.wgsl: x = hi + lo keeps about 22 bits, so
+// that rate). x comes split into two f16 parts by split_f16.wgsl: x = xh + xl keeps about 22 bits, so
 // the error is the weights' f16 rounding alone. A workgroup owns 128 rows of the chunk and BN tokens
 // (128; 64 is a bench and test knob).
 // For each 64-column block of W it
@@ -13,12 +13,11 @@
 //      15), zeros included: thread (r = li % 128, h = li / 128) walks half h of row r's rotated mask
 //      (columns (rot + 32 h + p) & 63, its 16 kept weights in spmv's walk order) and stores them. The
 //      block is decoded once for BN tokens: decoding is what the matrix units leave to the ALUs;
-//   2. for each 32-column half of the block: stages both parts of x [its tokens][the half's columns] in
-//      xs (tokens
+//   2. for each 32-column half of the block: stages xh and xl [its tokens][the half's columns] (tokens
 //      >= n and columns >= cols as 0), then subgroup s (of 8) adds, for the two 16-column steps,
-//      ws[its 32 rows][step] * (hi + lo)[step][its BN / 2 tokens] into 2 x BN / 32 16 x 16 f32
-//      accumulators (rows 32 (s % 4) .., tokens BN / 2 (s / 4) ..; two products a tile and step, hi
-//      then lo).
+//      ws[its 32 rows][step] * (xh + xl)[step][its BN / 2 tokens] into 2 x BN / 32 16 x 16 f32
+//      accumulators (rows 32 (s % 4) .., tokens BN / 2 (s / 4) ..; two products a tile and step: xh
+//      and xl).
 // At the end each subgroup stores its accumulators, one at a time, through its 16 x 16 slice of cs, and
 // its lanes write the rows and tokens in range (adding the residual).
 // Error: |y~ - y| <= 2^-11 sum |W x| (f16 rounding of each weight; f16 subnormal weights add at most
@@ -68,12 +67,12 @@ struct Params {
 
 override GROUP_BLOCKS: u32 = 2u; // 64-column blocks per scale group
 override RESIDUAL: u32 = 0u;
-override X_LO: u32 = 1u;         // 0: x as its f16 high part alone (one product a step, not two)
+override X_LO: u32 = 1u;         // 0: x as f16 alone (one product per step instead of two)
 const BM: u32 = 128u;            // rows per workgroup
 override BN: u32 = 128u;         // tokens per workgroup: 128 or 64
 override SPLIT: u32 = 1u;        // column parts: 1, or 2 (part 1 into `part`, added to y after)
 const WG: u32 = 256u;
-// Row strides of ws (64 columns) and of xs (32): 8 more, so that the 16-byte rows of a matrix
+// Row strides of ws (64 columns) and of xh, xl (32): 8 more, so that the 16-byte rows of a matrix
 // load fall in different banks.
 const LD: u32 = 72u;
 const LDX: u32 = 40u;
@@ -89,7 +88,8 @@ const LDX: u32 = 40u;
 @group(0) @binding(8) var<storage, read_write> part: array<f32>;
 
 var<workgroup> ws: array<f16, 9216>; // [128 rows][LD]
-var<workgroup> xs: array<f16, 2u * BN * LDX>; // [2 parts: hi, lo][BN tokens][LDX]
+var<workgroup> xh: array<f16, BN * LDX>; // [BN tokens][LDX]
+var<workgroup> xl: array<f16, BN * LDX>;
 var<workgroup> cs: array<f32, 2048>; // [8 subgroups][16 x 16], column-major
 
 // Eight steps of the walk (codes of word w), from the mask's highest set bit down, into row `at` of ws.
@@ -107,7 +107,7 @@ fn walk8(mask: u32, w: u32, base: u32, at: u32, scale: f32) -> u32 {
     return m;
 }
 
-// Columns col0 .. + 31 of the block for the workgroup's tokens into xs: column li % 32 of
+// Columns col0 .. + 31 of the block for the workgroup's tokens into xh and xl: column li % 32 of
 // tokens li / 32 + 8 j (32 lanes read 64 contiguous bytes of each part).
 fn stage_x(tok0: u32, col0: u32, li: u32) {
     let k = li % 32u;
@@ -122,8 +122,8 @@ fn stage_x(tok0: u32, col0: u32, li: u32) {
             h = x[i];
             l = x[lo + i];
         }
-        xs[t * LDX + k] = h;
-        xs[(BN + t) * LDX + k] = l;
+        xh[t * LDX + k] = h;
+        xl[t * LDX + k] = l;
     }
 }
 
@@ -215,22 +215,34 @@ fn main(
             for (var kk = 0u; kk < 32u; kk += 16u) {
                 let a0 = coopLoadT<coop_mat16x16<f16, A>>(&ws[rs * LD + 32u * half + kk], LD);
                 let a1 = coopLoadT<coop_mat16x16<f16, A>>(&ws[(rs + 16u) * LD + 32u * half + kk], LD);
-                // The high part of x, then the low one: each accumulator adds hi before lo.
-                for (var part = 0u; part <= min(X_LO, 1u); part++) {
-                    let t = part * BN + ts;
-                    let b0 = coopLoad<coop_mat16x16<f16, B>>(&xs[t * LDX + kk], LDX);
-                    let b1 = coopLoad<coop_mat16x16<f16, B>>(&xs[(t + 16u) * LDX + kk], LDX);
-                    c00 = coopMultiplyAdd(a0, b0, c00);
-                    c01 = coopMultiplyAdd(a0, b1, c01);
-                    c10 = coopMultiplyAdd(a1, b0, c10);
-                    c11 = coopMultiplyAdd(a1, b1, c11);
-                    if BN == 128u {
-                        let b2 = coopLoad<coop_mat16x16<f16, B>>(&xs[(t + 32u) * LDX + kk], LDX);
-                        let b3 = coopLoad<coop_mat16x16<f16, B>>(&xs[(t + 48u) * LDX + kk], LDX);
-                        c02 = coopMultiplyAdd(a0, b2, c02);
-                        c03 = coopMultiplyAdd(a0, b3, c03);
-                        c12 = coopMultiplyAdd(a1, b2, c12);
-                        c13 = coopMultiplyAdd(a1, b3, c13);
+                let b0 = coopLoad<coop_mat16x16<f16, B>>(&xh[ts * LDX + kk], LDX);
+                let b1 = coopLoad<coop_mat16x16<f16, B>>(&xh[(ts + 16u) * LDX + kk], LDX);
+                c00 = coopMultiplyAdd(a0, b0, c00);
+                c01 = coopMultiplyAdd(a0, b1, c01);
+                c10 = coopMultiplyAdd(a1, b0, c10);
+                c11 = coopMultiplyAdd(a1, b1, c11);
+                if X_LO == 1u {
+                    let l0 = coopLoad<coop_mat16x16<f16, B>>(&xl[ts * LDX + kk], LDX);
+                    let l1 = coopLoad<coop_mat16x16<f16, B>>(&xl[(ts + 16u) * LDX + kk], LDX);
+                    c00 = coopMultiplyAdd(a0, l0, c00);
+                    c01 = coopMultiplyAdd(a0, l1, c01);
+                    c10 = coopMultiplyAdd(a1, l0, c10);
+                    c11 = coopMultiplyAdd(a1, l1, c11);
+                }
+                if BN == 128u {
+                    let b2 = coopLoad<coop_mat16x16<f16, B>>(&xh[(ts + 32u) * LDX + kk], LDX);
+                    let b3 = coopLoad<coop_mat16x16<f16, B>>(&xh[(ts + 48u) * LDX + kk], LDX);
+                    c02 = coopMultiplyAdd(a0, b2, c02);
+                    c03 = coopMultiplyAdd(a0, b3, c03);
+                    c12 = coopMultiplyAdd(a1, b2, c12);
+                    c13 = coopMultiplyAdd(a1, b3, c13);
+                    if X_LO == 1u {
+                        let l2 = coopLoad<coop_mat16x16<f16, B>>(&xl[(ts + 32u) * LDX + kk], LDX);
+                        let l3 = coopLoad<coop_mat16x16<f16, B>>(&xl[(ts + 48u) * LDX + kk], LDX);
+                        c02 = coopMultiplyAdd(a0, l2, c02);
+                        c03 = coopMultiplyAdd(a0, l3, c03);
+                        c12 = coopMultiplyAdd(a1, l2, c12);
+                        c13 = coopMultiplyAdd(a1, l3, c13);
                     }
                 }
             }
