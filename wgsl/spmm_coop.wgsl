@@ -215,6 +215,9 @@ fn main(
             for (var kk = 0u; kk < 32u; kk += 16u) {
                 let a0 = coopLoadT<coop_mat16x16<f16, A>>(&ws[rs * LD + 32u * half + kk], LD);
                 let a1 = coopLoadT<coop_mat16x16<f16, A>>(&ws[(rs + 16u) * LD + 32u * half + kk], LD);
+                // Written out for both parts of x and both token halves: a loop over the parts (one
+                // array for both) measured 2-3% slower on an H100 (5120 x 17920 at 512 tokens: 1700
+                // against 1660 us; 35840 x 5120 2846 against 2788).
                 let b0 = coopLoad<coop_mat16x16<f16, B>>(&xh[ts * LDX + kk], LDX);
                 let b1 = coopLoad<coop_mat16x16<f16, B>>(&xh[(ts + 16u) * LDX + kk], LDX);
                 c00 = coopMultiplyAdd(a0, b0, c00);
